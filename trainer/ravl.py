@@ -31,8 +31,9 @@ Choices where the paper is silent (each one is tested in tests/test_ravl.py):
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -151,23 +152,24 @@ def region_embeddings(
 
 
 def _roi_embeddings(visual: torch.nn.Module, images: Tensor, rois: Tensor) -> Tensor:
-    from torchvision.ops import roi_align
-
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
+    from torchvision.ops import roi_align
 
     H = images.shape[-1]
     if isinstance(visual, ModifiedResNet):
         x = visual.stem(images)
         x = visual.layer3(visual.layer2(visual.layer1(x)))  # stride 16
         side = visual.attnpool.positional_embedding.shape[0] - 1
-        side = int(round(side**0.5))
+        side = round(side**0.5)
         # RegionCLIP: RoIAlign on the res4 map at twice the pool's side, then res5 and attention pool.
         pooled = roi_align(x, rois, (2 * side, 2 * side), x.shape[-1] / H, -1, aligned=True)
         return visual.attnpool(visual.layer4(pooled))
     if isinstance(visual, VisionTransformer):
         if visual.attn_pool is not None:
-            raise NotImplementedError("RoI pooling of attention-pooled ViTs is not supported; use mode='crop'")
+            raise NotImplementedError(
+                "RoI pooling of attention-pooled ViTs is not supported; use mode='crop'"
+            )
         if visual.training and not isinstance(visual.patch_dropout, torch.nn.Identity):
             raise NotImplementedError("patch dropout breaks the token grid; use mode='crop'")
         x = visual.transformer(visual._embeds(images))
