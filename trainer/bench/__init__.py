@@ -1,0 +1,1 @@
+"""Synthetic spuriosity benchmark: world, zero-shot model pretraining, the suite."""
