@@ -1,0 +1,98 @@
+"""The `trainer` command line: thin typer commands over trainer.train / trainer.wise.
+
+trainer run --config configs/tiny.yaml --bank banks/v2.yaml --method starft --set lr=1e-4
+accelerate launch --num_processes 2 -m trainer.cli run --config configs/imagenet-vitb16.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from trainer.errors import TrainerError
+
+app = typer.Typer(
+    help="Robust fine-tuning of open_clip models: StarFT and its baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str) -> None:
+    err.print(Text.assemble(("Error: ", "bold red"), " ".join(str(message).split())))
+    raise typer.Exit(1)
+
+
+def _user_errors():
+    """Errors a user can act on: trainer's and descgen's (bank files)."""
+    from descgen.errors import DescgenError
+
+    return (TrainerError, DescgenError)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (defaults otherwise)")
+    ] = None,
+    bank: Annotated[str | None, typer.Option(help="descgen bank file (overrides `bank`)")] = None,
+    method: Annotated[str | None, typer.Option(help="zeroshot | ft | flyp | starft | kl | ravl")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override key=value (dotted keys, YAML values); repeatable"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="run directory name under runs_dir")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run in its existing directory")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="stop after N steps (resumable)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per process")] = None,
+) -> None:
+    """Fine-tune and evaluate; prints the run directory."""
+    try:
+        from trainer.config import load_config
+        from trainer.train import train
+
+        cfg = load_config(
+            config, set_, bank=bank, method=method, name=name, max_steps=max_steps, threads=threads
+        )
+        run_dir = train(cfg, resume=resume)
+    except _user_errors() as e:
+        _fail(str(e))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        out.print(str(run_dir), markup=False, highlight=False)
+
+
+@app.command()
+def wise(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    alpha: Annotated[
+        float, typer.Option(help="weight of the fine-tuned model (0 = zero-shot, 1 = fine-tuned)")
+    ] = 0.5,
+    checkpoint: Annotated[str, typer.Option(help="last | best")] = "last",
+) -> None:
+    """WiSE-FT: interpolate a run with its zero-shot model, evaluate, print the output directory."""
+    if checkpoint not in ("last", "best"):
+        raise typer.BadParameter("must be last or best", param_hint="--checkpoint")
+    try:
+        from trainer.wise import wise as wise_fn
+
+        path = wise_fn(run_dir, alpha, checkpoint)  # type: ignore[arg-type]
+    except _user_errors() as e:
+        _fail(str(e))
+    out.print(str(path), markup=False, highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,17 @@
+"""Errors trainer shows to users: a one-line message the CLI prints as `Error: ...` (exit 1)."""
+
+
+class TrainerError(Exception):
+    """Base of every error the CLI turns into a one-line message and exit code 1."""
+
+
+class ConfigError(TrainerError):
+    """A config file or override is missing, malformed or invalid."""
+
+
+class DataError(TrainerError):
+    """A dataset, class-names or template file is missing or inconsistent."""
+
+
+class RunDirError(TrainerError):
+    """A run directory exists (without --resume) or cannot be resumed."""

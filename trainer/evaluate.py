@@ -1,0 +1,137 @@
+"""Zero-shot evaluation: heads from the current text encoder, top-1 overall and per group.
+
+    from trainer.evaluate import evaluate_sets; metrics = evaluate_sets(clip, tokenizer, sets, accelerator)
+
+For a set with groups: per-group accuracy, the worst group, the mean of the worst 3, and the mean over
+groups. Group keys are 'class/group' (Waterbirds-style) or the raw group column (`group_by: group`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.data import Collate, ImageDataset, ImageSet, head_templates
+
+
+@torch.no_grad()
+def zero_shot_head(
+    clip: nn.Module, tokenizer: Callable, classes: list[str], templates: list[Callable]
+) -> torch.Tensor:
+    """(C, D) normalised class embeddings: template-averaged text features of each class name."""
+    from open_clip import build_zero_shot_classifier
+
+    device = next(clip.parameters()).device
+    was_training = clip.training
+    clip.eval()
+    weights = build_zero_shot_classifier(
+        clip,
+        tokenizer,
+        classes,
+        templates,
+        num_classes_per_batch=max(1, 1024 // len(templates)),
+        device=device,
+    )  # (D, C)
+    clip.train(was_training)
+    return weights.T.float().contiguous()
+
+
+def accuracy_metrics(
+    preds: torch.Tensor, labels: torch.Tensor, group_keys: list[str | None]
+) -> dict[str, Any]:
+    """top1 (in %), n, and for grouped sets per_group, worst_group, worst3_mean, group_mean."""
+    correct = (preds == labels).float()
+    out: dict[str, Any] = {"top1": 100.0 * correct.mean().item() if len(correct) else 0.0, "n": len(correct)}
+    if any(k is not None for k in group_keys):
+        accs: dict[str, float] = {}
+        for key in sorted({k for k in group_keys if k is not None}):
+            idx = torch.tensor([i for i, k in enumerate(group_keys) if k == key])
+            accs[key] = 100.0 * correct[idx].mean().item()
+        vals = sorted(accs.values())
+        out.update(
+            per_group=accs,
+            worst_group=vals[0],
+            worst3_mean=sum(vals[:3]) / len(vals[:3]),
+            group_mean=sum(vals) / len(vals),
+        )
+    return out
+
+
+@dataclass
+class EvalSet:
+    """A set ready to evaluate: its data, its (prepared) loader, and optionally a trained head for it."""
+
+    image_set: ImageSet
+    loader: Any
+
+
+def make_eval_sets(
+    sets: list[ImageSet], preprocess: Callable, batch_size: int, accelerator, num_workers: int = 0
+):
+    out = []
+    for s in sets:
+        loader = DataLoader(
+            ImageDataset(s, preprocess),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=Collate(),
+            num_workers=num_workers,
+        )
+        out.append(EvalSet(s, accelerator.prepare(loader) if accelerator is not None else loader))
+    return out
+
+
+@torch.no_grad()
+def evaluate_set(
+    clip: nn.Module,
+    tokenizer: Callable,
+    es: EvalSet,
+    accelerator,
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Top-1 of `clip` on one set; `classifier` maps normalised image features to logits (default: zero-shot)."""
+    s = es.image_set
+    if classifier is None:
+        head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
+        classifier = lambda f: f.float() @ head.T
+    was_training = clip.training
+    clip.eval()
+    preds, labels, index = [], [], []
+    for batch in es.loader:
+        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+            feats = clip.encode_image(batch["image"], normalize=True)
+        p = classifier(feats.float()).argmax(dim=1)
+        if accelerator is not None:
+            p, y, i = accelerator.gather_for_metrics((p, batch["label"], batch["index"]))
+        else:
+            y, i = batch["label"], batch["index"]
+        preds.append(p.cpu())
+        labels.append(y.cpu())
+        index.append(i.cpu())
+    clip.train(was_training)
+    idx = torch.cat(index)
+    keys = s.group_keys()
+    return accuracy_metrics(torch.cat(preds), torch.cat(labels), [keys[i] for i in idx.tolist()])
+
+
+def evaluate_sets(
+    clip: nn.Module,
+    tokenizer: Callable,
+    sets: list[EvalSet],
+    accelerator=None,
+    head: nn.Module | None = None,
+    head_classes: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per set name. A trained `head` (method ft) serves sets whose classes are `head_classes`."""
+    out = {}
+    for es in sets:
+        classifier = None
+        if head is not None and es.image_set.classes == head_classes:
+            classifier = head  # argmax of the head's logits; its scale does not change the ranking
+        out[es.image_set.name] = evaluate_set(clip, tokenizer, es, accelerator, classifier)
+    return out

@@ -1,0 +1,85 @@
+"""Loss functions of the trainer: pure tensor functions, no torch.distributed inside.
+
+    from trainer.losses import star_loss; reg = star_loss(x, s, x0, s0, labels, teacher_scale)
+
+The training step gathers features across processes (with gradient) and calls these on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+_CLIP_LOSS = ClipLoss()  # single-process open_clip loss: callers pass already-gathered features
+
+
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric CLIP contrastive loss (FLYP's L_C) over normalised (N, D) features.
+
+    Args:
+        image, text: (N, D) l2-normalised image and caption embeddings; row i of each is a pair.
+        logit_scale: scalar, the exp'd temperature (s = 1/tau).
+        labels: None for open_clip's arange targets (only the diagonal is positive). With (N,) labels,
+            every pair of the same label (same caption) is a positive: soft targets spread uniformly over
+            them, so identical captions of one class are not pushed apart as negatives.
+    """
+    if labels is None:
+        return _CLIP_LOSS(image, text, logit_scale)
+    logits = logit_scale * image.float() @ text.float().T
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so the same targets serve both directions
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Masked entries become -inf in float32; a fully masked row is zeroed first so it is not NaN (its
+    # values are unused). Every later use replaces masked entries, so no inf/NaN reaches a gradient.
+    logits = logits.float().masked_fill(mask, float("-inf"))
+    full = mask.all(dim=1, keepdim=True)
+    logits = torch.where(full, torch.zeros_like(logits), logits)
+    return torch.log_softmax(logits, dim=1)
+
+
+def star_loss(
+    student_image: torch.Tensor,
+    student_spurious_text: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_spurious_text: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    mask_same_label: bool = True,
+) -> torch.Tensor:
+    """StarFT's spurious textual alignment regulariser L_Star (eq. 1-2 of the paper).
+
+    z_ij = s * x_i . s_j for the student (x, s) and the teacher (x~, s~). Pairs with c(j) = c(i), the
+    diagonal included, are removed before a row-wise softmax; L = (1/N) sum_i KL(q~_i || q_i). A row
+    whose every column shares its label contributes 0. Computed in float32 (fp16/bf16-safe).
+
+    Args:
+        student_image: (N, D) normalised image embeddings of the model being trained.
+        student_spurious_text: (N, D) normalised embeddings of the spurious captions S_j, same model.
+        teacher_image: (N, D) the frozen zero-shot model's image embeddings (no gradient needed).
+        teacher_spurious_text: (N, D) the frozen model's embeddings of the same S_j.
+        labels: (N,) integer class labels c(i).
+        logit_scale: scalar s used for both matrices; StarFT uses the teacher's.
+        mask_same_label: False gives the unmasked KL (the paper's ablation, method `kl`).
+    Returns:
+        A scalar tensor.
+    """
+    n = student_image.shape[0]
+    if mask_same_label:
+        mask = labels[:, None] == labels[None, :]
+    else:
+        mask = torch.zeros(n, n, dtype=torch.bool, device=labels.device)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=student_image.device)
+    log_q = _masked_log_softmax(scale * student_image.float() @ student_spurious_text.float().T, mask)
+    with torch.no_grad():
+        log_p = _masked_log_softmax(scale * teacher_image.float() @ teacher_spurious_text.float().T, mask)
+        p = torch.where(mask, torch.zeros_like(log_p), log_p.exp())
+        log_p = torch.where(mask, torch.zeros_like(log_p), log_p)
+    log_q = torch.where(mask, torch.zeros_like(log_q), log_q)
+    kl = (p * (log_p - log_q)).sum(dim=1)  # rows with every entry masked sum to exactly 0
+    return kl.sum() / n
