@@ -190,12 +190,13 @@ def _roi_embeddings(visual: torch.nn.Module, images: Tensor, rois: Tensor) -> Te
 def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
     """(C, D) template-averaged class text embeddings, L2-normalised (CLIP's zero-shot head).
 
-    Each template holds one `{}`; every prompt is normalised before averaging, then the mean again.
+    Each template holds `{c}` (trainer's templates) or `{}` for the class name; every prompt is normalised
+    before averaging, then the mean again.
     """
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates must be non-empty and each must hold one '{}'")
+    if not templates or any("{c}" not in t and "{}" not in t for t in templates):
+        raise ValueError("templates must be non-empty and each must hold '{c}' (or '{}')")
     device = next(_unwrap(model).parameters()).device
-    prompts = [t.format(c) for c in classnames for t in templates]
+    prompts = [t.replace("{c}", c).replace("{}", c) for c in classnames for t in templates]
     emb = F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
     emb = emb.reshape(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1)
