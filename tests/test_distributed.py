@@ -1,0 +1,157 @@
+"""Two CPU processes under accelerate equal one process on the same global batch.
+
+    .venv/bin/pytest tests/test_distributed.py -q      # slow: launches subprocesses (~1 minute on 2 cores)
+
+Launched as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (torchrun, gloo on CPU).
+The step gathers features with gradient (torch.distributed.nn.all_gather, as open_clip's ClipLoss does);
+DDP then averages the per-process gradients, which equals the single-process gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+
+STEP_SCRIPT = r'''
+import sys
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from trainer.config import build_config
+from trainer.model import FineTuner, build_clip, make_teacher
+from trainer.train import TeacherFeatures, compute_losses, get_method
+
+torch.set_num_threads(1)
+model_json, out = sys.argv[1], sys.argv[2]
+acc = Accelerator(cpu=True)
+set_seed(0)
+clip, _, tokenizer = build_clip(model_json, None)
+teacher = make_teacher(clip)
+teacher_scale = float(clip.logit_scale.exp())
+with torch.no_grad():  # move the student away from the teacher so the KL has a gradient
+    g = torch.Generator().manual_seed(3)
+    for p in clip.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+model = acc.prepare(FineTuner(clip))
+g = torch.Generator().manual_seed(1)
+n = 8
+labels = torch.tensor([0, 0, 1, 1, 2, 0, 3, 1])
+words = ["water", "snow", "grass", "city", "sand", "forest", "night", "fog"]
+full = {
+    "image": torch.randn(n, 3, 32, 32, generator=g),
+    "label": labels,
+    "index": torch.arange(n),
+    "caption": tokenizer([f"a photo of a c{int(y)}." for y in labels]),
+    "spurious": tokenizer([f"a photo of a c{int(y)} in the {w}." for y, w in zip(labels, words)]),
+}
+rank, world = acc.process_index, acc.num_processes
+part = slice(rank * n // world, (rank + 1) * n // world)
+batch = {k: v[part].to(acc.device) for k, v in full.items()}
+results = {}
+for name, overrides in [
+    ("starft", ["method=starft", "spurious=none"]),
+    ("kl", ["method=kl", "spurious=none"]),
+    ("flyp_label", ["method=flyp", "positives=label"]),
+]:
+    cfg = build_config({"data": {"train": {"path": "unused.csv"}}}, overrides)
+    model.zero_grad(set_to_none=True)
+    terms = compute_losses(model, batch, get_method(cfg.method), cfg, acc, TeacherFeatures(teacher), teacher_scale, 0.5)
+    acc.backward(terms["loss"])
+    grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
+    results[name] = {"terms": {k: float(v) for k, v in terms.items()}, "grads": grads}
+torch.save(results, f"{out}.rank{rank}.pt")
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _launch(args: list[str], nproc: int) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is
+        # configured; torchrun (--multi_gpu) with ACCELERATE_USE_CPU=1 gives two gloo CPU processes.
+        cmd = [
+            str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args,
+        ]  # fmt: skip
+    env = dict(_env(), ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(p: subprocess.Popen, timeout: int = 240) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def test_two_processes_equal_one_on_the_global_batch(tmp_path, tiny_clip):
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    one, two = _launch([str(script), str(tiny_clip), str(tmp_path / "one")], 1), _launch(
+        [str(script), str(tiny_clip), str(tmp_path / "two")], 2
+    )
+    _wait(one), _wait(two)
+    ref = torch.load(tmp_path / "one.rank0.pt")
+    ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1)]
+    for name, expected in ref.items():
+        assert expected["terms"]["reg_loss"] > 0 or name == "flyp_label"
+        for got in ranks:
+            for term, value in expected["terms"].items():
+                assert got[name]["terms"][term] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, term)
+            assert got[name]["grads"].keys() == expected["grads"].keys()
+            for k, g in expected["grads"].items():
+                assert torch.allclose(got[name]["grads"][k], g, rtol=1e-4, atol=1e-6), (name, k)
+
+
+def test_two_process_run_matches_one_process_run(tmp_path, tiny_config):
+    """`trainer run` end to end under accelerate launch: same step losses and final metrics as one process."""
+    from ruamel.yaml import YAML
+
+    cfg = dict(tiny_config, epochs=1, eval_batch_size=8)
+    paths = {}
+    for tag in ("one", "two"):
+        c = dict(cfg, name=f"run-{tag}")
+        paths[tag] = tmp_path / f"{tag}.yaml"
+        with paths[tag].open("w") as f:
+            YAML(typ="safe", pure=True).dump(c, f)
+    procs = {tag: _launch(["-m", "trainer.cli", "run", "--config", str(paths[tag])], n) for tag, n in (("one", 1), ("two", 2))}
+    for p in procs.values():
+        _wait(p)
+    runs = Path(cfg["runs_dir"])
+
+    def steps(tag):
+        rows = [json.loads(ln) for ln in (runs / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["kind"] == "step"]
+
+    a, b = steps("one"), steps("two")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("loss", "contrastive_loss", "reg_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5)
+    ma = json.loads((runs / "run-one" / "metrics.json").read_text())
+    mb = json.loads((runs / "run-two" / "metrics.json").read_text())
+    assert mb["final"]["val"]["n"] == ma["final"]["val"]["n"] == 16  # gather_for_metrics drops the padding
+    assert mb["final"]["val"]["top1"] == pytest.approx(ma["final"]["val"]["top1"])
+    assert json.loads((runs / "run-two" / "run.json").read_text())["num_processes"] == 2
