@@ -109,7 +109,7 @@ class WorldConfig(BaseModel):
     glyph_scale: tuple[float, float] = (0.5, 0.8)  # glyph height as a fraction of the image side
     max_rotation: float = 15.0  # degrees
     eval_glyph_frac: float = 0.3  # share of each digit's handwritten samples reserved for val/test splits
-    n_pretrain: int = 30000
+    n_pretrain: int = 24000
     n_a_train: int = 5000
     n_eval: int = 1000  # per val/test split, except b_groups
     group_size: int = 200  # images per (class, background) group of b_groups

@@ -1,0 +1,120 @@
+"""Tests of the zero-shot model pretraining: a tiny run, caching, loading through open_clip, the loss.
+
+.venv/bin/pytest -q tests/test_bench_pretrain.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.bench import pretrain as pretrain_mod
+from trainer.bench.pretrain import (
+    PretrainConfig,
+    get_pretrained,
+    load_pretrained,
+    multi_positive_clip_loss,
+    read_meta,
+    to_tensor,
+)
+from trainer.bench.world import WorldConfig, write_split
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> PretrainConfig:
+    world = WorldConfig(n_pretrain=96, n_a_train=40, n_eval=20, group_size=2)
+    return PretrainConfig(
+        world=world,
+        embed_dim=32,
+        vision_width=4,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        steps=3,
+        batch_size=32,
+        warmup_steps=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cfg, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return root, get_pretrained(tiny_cfg, root, threads=1, progress=False)
+
+
+def test_tiny_pretraining_writes_a_complete_folder(tiny_cfg, tiny_run):
+    _, run_dir = tiny_run
+    assert {"model.json", "model.safetensors", "meta.json", "open_clip_config.json"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    meta = read_meta(run_dir)
+    assert meta["hash"] == tiny_cfg.hash() and meta["seed"] == 0
+    assert meta["logit_scale"] == pytest.approx(100.0, rel=1e-4)
+    for variant in ("val", "test"):
+        z = meta["zero_shot"][variant]
+        assert {"a_acc", "a_sketch_acc", "a_unseen_acc", "b_plain_acc", "b_worst_group", "b_bias_gap"} <= set(
+            z
+        )
+    assert "snow" in meta["vocabulary"]
+    assert json.loads((run_dir / "model.json").read_text())["text_cfg"]["context_length"] == 32
+
+
+def test_cached_model_is_reused(tiny_cfg, tiny_run, monkeypatch):
+    root, run_dir = tiny_run
+
+    def boom(*a, **k):
+        raise AssertionError("cached model was retrained")
+
+    monkeypatch.setattr(pretrain_mod, "build_model", boom)
+    assert get_pretrained(tiny_cfg, root) == run_dir
+    with pytest.raises(AssertionError, match="retrained"):
+        get_pretrained(tiny_cfg.model_copy(update={"seed": 1}), root)
+
+
+def test_loads_through_open_clip_and_matches_in_memory_preprocessing(tiny_cfg, tiny_run):
+    import open_clip
+
+    root, run_dir = tiny_run
+    model, _, preprocess, tokenizer = load_pretrained(run_dir)
+    split = write_split(tiny_cfg.world, "a_val", root)
+    pil = Image.open(split / "images" / "000000.png").convert("RGB")
+    with torch.no_grad():
+        via_open_clip = model.encode_image(preprocess(pil)[None])
+        via_arrays = model.encode_image(to_tensor(np.asarray(pil)[None]))
+        text = model.encode_text(tokenizer(["a photo of a five."]))
+    assert torch.allclose(via_open_clip, via_arrays, atol=1e-4)
+    assert text.shape == (1, tiny_cfg.embed_dim)
+
+    model2, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run_dir}")
+    model2.eval()
+    with torch.no_grad():
+        assert torch.allclose(model2.encode_image(preprocess(pil)[None]), via_open_clip, atol=1e-5)
+
+
+def test_multi_positive_loss_reduces_to_clip_loss_without_duplicates():
+    import open_clip
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    ours = multi_positive_clip_loss(img, txt, 100.0, torch.eye(6, dtype=torch.bool))
+    ref = open_clip.ClipLoss()(img, txt, torch.tensor(100.0))
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_identical_captions_are_not_negatives():
+    # Two images with the same caption: matching either caption to either image costs the same.
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    txt = F.normalize(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), dim=-1)
+    same = torch.ones(2, 2, dtype=torch.bool)
+    assert multi_positive_clip_loss(img, txt, 100.0, same).item() == pytest.approx(np.log(2), abs=1e-5)
+
+
+def test_image_size_must_suit_the_image_tower():
+    with pytest.raises(ValueError, match="image_size"):
+        pretrain_mod.model_config(PretrainConfig(world=WorldConfig(image_size=48)))

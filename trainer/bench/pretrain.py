@@ -1,0 +1,450 @@
+"""Pretrain the benchmark's zero-shot model: a small open_clip CLIP trained from scratch on the synthetic world.
+
+    from trainer.bench.pretrain import PretrainConfig, get_pretrained; run_dir = get_pretrained(PretrainConfig())
+
+The result is cached in `<root>/zeroshot-<hash>/` (hash of the config, its world and the seed):
+`model.json` (open_clip model config), `model.safetensors`, `meta.json` (configs, pretraining metrics,
+zero-shot figures), and `open_clip_config.json` so `create_model_and_transforms("local-dir:<run_dir>")`
+works as well. Load it with `load_pretrained(run_dir)`.
+
+The logit scale is held fixed at a CLIP-like value (100 by default) during pretraining: a learned scale
+drifts low on this world's near-duplicate captions (prototypes ended at ~13), which makes a distillation
+teacher flat. Identical captions in a batch count as positives of each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.bench.vocab import NUMBER_WORDS, caption_vocabulary
+from trainer.bench.world import SplitData, WorldConfig, build_split, pretrain_caption, typical_for
+
+PRETRAIN_VERSION = 1  # bump when the recipe changes, so caches are not reused
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPLATES = ("a photo of a {}.",)  # the fine-tuning caption form; zero-shot head prompts
+
+
+class PretrainConfig(BaseModel):
+    """Zero-shot model architecture and pretraining recipe. Frozen; hashed with its world and seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    seed: int = 0  # pretraining seed (init, batch order, caption sampling); the world has its own
+    embed_dim: int = 128
+    vision_width: int = 12  # ModifiedResNet stem width; feature dim = 32 x width
+    vision_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+    text_width: int = 96
+    text_heads: int = 4
+    text_layers: int = 2
+    context_length: int = 32
+    steps: int = 800
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    logit_scale: float = 100.0  # fixed during pretraining (CLIP's final value)
+    eval_every: int = 0  # steps between validation zero-shot checks; 0 = only at the end
+
+    def hash(self) -> str:
+        blob = json.dumps(
+            {"v": PRETRAIN_VERSION, "world_hash": self.world.hash(), **self.model_dump(mode="json")},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def model_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """The open_clip model config (the content of model.json)."""
+    if cfg.world.image_size % 32:
+        raise ValueError(
+            f"the ModifiedResNet image tower needs image_size % 32 == 0, got {cfg.world.image_size}"
+        )
+    return {
+        "embed_dim": cfg.embed_dim,
+        "init_logit_scale": math.log(cfg.logit_scale),
+        "vision_cfg": {
+            "image_size": cfg.world.image_size,
+            "layers": list(cfg.vision_layers),
+            "width": cfg.vision_width,
+            "head_width": 64,
+            "patch_size": None,
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": 49408,  # open_clip's SimpleTokenizer (as "ViT-B-32")
+            "width": cfg.text_width,
+            "heads": cfg.text_heads,
+            "layers": cfg.text_layers,
+        },
+    }
+
+
+def run_dir_for(cfg: PretrainConfig, root: str | Path = ".cache/bench") -> Path:
+    return Path(root) / f"zeroshot-{cfg.hash()}"
+
+
+# --- tensors and losses ---------------------------------------------------------------------------------
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float, normalised like open_clip's preprocess."""
+    if not images.flags.writeable:
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def multi_positive_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    same: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric CLIP loss where `same[i, j]` marks caption j as a positive of image i (and vice versa).
+
+    Args:
+        image_features: (B, D) normalised.
+        text_features: (B, D) normalised.
+        same: (B, B) bool, symmetric, with a true diagonal (identical captions).
+    """
+    logits = logit_scale * image_features @ text_features.T
+    target = same.float() / same.float().sum(1, keepdim=True)
+    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+# --- zero-shot evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+    out = [
+        F.normalize(model.encode_image(to_tensor(images[i : i + batch_size])), dim=-1)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_head(
+    model: torch.nn.Module, tokenizer: Any, class_names: tuple[str, ...], templates=TEMPLATES
+) -> torch.Tensor:
+    """(C, D) zero-shot head: the normalised mean of each class's normalised prompt embeddings."""
+    rows = []
+    for name in class_names:
+        t = F.normalize(model.encode_text(tokenizer([tp.format(name) for tp in templates])), dim=-1).mean(0)
+        rows.append(F.normalize(t, dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_report(
+    model: torch.nn.Module, tokenizer: Any, data: SplitData, world: WorldConfig
+) -> dict[str, Any]:
+    """Accuracy of a split; per (class, background) group accuracies, worst group and bias gap when grouped."""
+    was_training = model.training
+    model.eval()
+    pred = (
+        (encode_images(model, data.images) @ class_head(model, tokenizer, data.class_names).T)
+        .argmax(1)
+        .numpy()
+    )
+    model.train(was_training)
+    correct = pred == data.labels
+    rep: dict[str, Any] = {"n": len(correct), "acc": 100 * float(correct.mean())}
+    groups: dict[str, list[bool]] = {}
+    typical, other = [], []
+    for ok, lab, bg in zip(correct, data.labels, data.backgrounds):
+        groups.setdefault(f"{data.class_names[lab]}/{bg}", []).append(bool(ok))
+        (typical if bg in typical_for(world, data.classes[lab]) else other).append(bool(ok))
+    accs = {k: 100 * float(np.mean(v)) for k, v in sorted(groups.items())}
+    worst = sorted(accs.values())
+    rep.update(
+        groups=accs,
+        worst_group=worst[0],
+        worst3_mean=float(np.mean(worst[:3])),
+        group_mean=float(np.mean(worst)),
+        typical_acc=100 * float(np.mean(typical)) if typical else None,
+        other_acc=100 * float(np.mean(other)) if other else None,
+    )
+    if typical and other:
+        rep["bias_gap"] = rep["typical_acc"] - rep["other_acc"]
+    return rep
+
+
+EVAL_SPLITS = ("a", "a_sketch", "a_unseen", "b_groups", "b_plain", "b_sketch")
+
+
+_EVAL_CACHE: dict[tuple[str, str], SplitData] = {}
+
+
+def _eval_split(world: WorldConfig, name: str) -> SplitData:
+    # Rendering b_groups takes seconds; keep the last few eval splits for repeated checks in one process.
+    key = (world.hash(), name)
+    if key not in _EVAL_CACHE:
+        if len(_EVAL_CACHE) >= 12:
+            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+        _EVAL_CACHE[key] = build_split(world, name)
+    return _EVAL_CACHE[key]
+
+
+def evaluate_zero_shot(
+    model, tokenizer, world: WorldConfig, variant: str = "test", splits=EVAL_SPLITS
+) -> dict:
+    """Zero-shot reports on the world's `<split>_<variant>` splits."""
+    return {
+        s: zero_shot_report(model, tokenizer, _eval_split(world, f"{s}_{variant}"), world) for s in splits
+    }
+
+
+def summary(reports: dict) -> dict[str, float]:
+    """The headline figures of `evaluate_zero_shot` output."""
+    out = {}
+    for k, r in reports.items():
+        out[f"{k}_acc"] = round(r["acc"], 2)
+    if "b_groups" in reports:
+        g = reports["b_groups"]
+        out.update(
+            b_worst_group=round(g["worst_group"], 2),
+            b_worst3=round(g["worst3_mean"], 2),
+            b_group_avg=round(g["group_mean"], 2),
+            b_bias_gap=round(g.get("bias_gap", float("nan")), 2),
+        )
+    return out
+
+
+# --- pretraining ----------------------------------------------------------------------------------------
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "bn" in n or "ln" in n or "embedding" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_model(cfg: PretrainConfig):
+    """A freshly initialised open_clip CLIP for `cfg`, and its tokenizer."""
+    import open_clip
+
+    torch.manual_seed(cfg.seed)
+    model = open_clip.model.CLIP(**model_config(cfg))
+    return model, open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    root: str | Path = ".cache/bench",
+    *,
+    threads: int | None = 2,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
+    """Pretrain the zero-shot model and write it to its cache folder (reused unless `force`). Returns the folder."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from safetensors.torch import save_file
+
+    out = run_dir_for(cfg, root)
+    if (out / "meta.json").exists() and not force:
+        return out
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    world = cfg.world
+    model, tokenizer = build_model(cfg)
+    model.logit_scale.requires_grad_(False)
+    model.logit_scale.fill_(math.log(cfg.logit_scale))
+
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task("render pretraining set", total=1, info="")
+        data = build_split(world, "pretrain")
+        bar.update(task, advance=1)
+        t_data = time.time() - t0
+        images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8, normalised per batch
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(STD).view(1, 3, 1, 1)
+        records = [
+            {"digit": int(d), "background": b, "style": s, "named": bool(nm)}
+            for d, b, s, nm in zip(data.digits, data.backgrounds, data.styles, data.named)
+        ]
+
+        opt = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        cap_rng = np.random.default_rng([cfg.seed, 17])
+        n = len(records)
+        order, pos = torch.randperm(n, generator=gen), 0
+        history: list[dict[str, float]] = []
+        model.train()
+        task = bar.add_task("pretrain zero-shot model", total=cfg.steps, info="")
+        loss_m = None
+        for step in range(cfg.steps):
+            if pos + cfg.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos : pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x = (images[idx].float().div_(255) - mean) / std
+            captions = [pretrain_caption(world, cap_rng, records[i]) for i in idx.tolist()]
+            tokens = tokenizer(captions)
+            same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            img_f = F.normalize(model.encode_image(x), dim=-1)
+            txt_f = F.normalize(model.encode_text(tokens), dim=-1)
+            loss = multi_positive_clip_loss(img_f, txt_f, model.logit_scale.exp(), same)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_m = loss.item() if loss_m is None else 0.98 * loss_m + 0.02 * loss.item()
+            if step % 50 == 0 or step == cfg.steps - 1:
+                history.append({"step": step, "loss": round(loss_m, 4), "lr": _lr_at(step, cfg)})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                s = summary(evaluate_zero_shot(model, tokenizer, world, "val", ("a", "b_groups")))
+                history[-1]["val"] = s
+                bar.console.print(f"step {step + 1}: {s}")
+            bar.update(task, advance=1, info=f"loss {loss_m:.3f}")
+        t_train = time.time() - t0 - t_data
+
+        task = bar.add_task("zero-shot evaluation", total=2, info="")
+        model.eval()
+        reports = {}
+        for variant in ("val", "test"):
+            reports[variant] = evaluate_zero_shot(model, tokenizer, world, variant)
+            bar.update(task, advance=1)
+
+    named = [
+        (d, world.class_names[d])
+        for d in range(10)
+        if (world.b_name_prob if d in world.task_b else world.a_name_prob) > 0
+    ]
+    vocab = sorted(caption_vocabulary(world.pretrain_backgrounds, named))
+    mcfg = model_config(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "model.json").write_text(json.dumps(mcfg, indent=2))
+    (tmp / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": mcfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}, indent=2)
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    meta = {
+        "hash": cfg.hash(),
+        "world_hash": world.hash(),
+        "seed": cfg.seed,
+        "pretrain_config": cfg.model_dump(mode="json"),
+        "logit_scale": float(model.logit_scale.exp()),
+        "params": sum(p.numel() for p in model.parameters()),
+        "wall_seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "total": round(time.time() - t0, 1),
+        },
+        "threads": torch.get_num_threads(),
+        "final_loss": history[-1]["loss"],
+        "history": history,
+        "zero_shot": {v: summary(r) for v, r in reports.items()},
+        "zero_shot_reports": reports,
+        "templates": list(TEMPLATES),
+        "vocabulary": vocab,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def get_pretrained(cfg: PretrainConfig, root: str | Path = ".cache/bench", **kwargs) -> Path:
+    """The cached zero-shot model folder for `cfg`, pretraining it first if needed."""
+    return pretrain(cfg, root, **kwargs)
+
+
+def load_pretrained(run_dir: str | Path):
+    """Load a pretrained folder through open_clip: (model, preprocess_train, preprocess_val, tokenizer).
+
+    Registers `model.json` under the name "model" (open_clip names a config file by its stem); the last
+    registered folder wins that name, so load one folder at a time or use `local-dir:` instead.
+    """
+    import open_clip
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    open_clip.add_model_config(run_dir / "model.json")
+    model, pre_train, pre_val = open_clip.create_model_and_transforms("model", pretrained=None)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.eval()
+    return model, pre_train, pre_val, open_clip.get_tokenizer("model")
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "meta.json").read_text())
+
+
+def pretrain_vocabulary(world: WorldConfig) -> set[str]:
+    """Every word the pretraining captions of `world` can contain."""
+    named = [
+        (d, world.class_names[d])
+        for d in range(10)
+        if (world.b_name_prob if d in world.task_b else world.a_name_prob) > 0
+    ]
+    return caption_vocabulary(world.pretrain_backgrounds, named)
+
+
+__all__ = [
+    "NUMBER_WORDS",
+    "PretrainConfig",
+    "build_model",
+    "evaluate_zero_shot",
+    "get_pretrained",
+    "load_pretrained",
+    "model_config",
+    "multi_positive_clip_loss",
+    "pretrain",
+    "pretrain_vocabulary",
+    "read_meta",
+    "run_dir_for",
+    "summary",
+    "zero_shot_report",
+]
