@@ -505,7 +505,8 @@ def precision_at_k(
 ) -> float:
     """Fraction of the top-k regions of a feature that are ground-truth spurious regions.
 
-    `gt` is a set of (image path, box) pairs or a predicate on them. No feature counts as 0.
+    `gt` is a set of (image path, box) pairs or a predicate on them. No feature counts as 0; a cluster
+    with fewer than k regions is scored on all of them.
     """
     if feature >= len(report.features):
         return 0.0
@@ -725,6 +726,11 @@ def propose_to_bank(
             ],
         )
         added.append(did)
+        for iid, node in doc.items():  # short lists on one line, for reviewers
+            if iid == did:
+                for key in ("region_ids", "alternatives"):
+                    if key in node["evidence"]:
+                        node["evidence"][key].fa.set_flow_style()
     doc.finish_generation(
         gid,
         stop_reason="done",
