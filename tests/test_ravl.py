@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.ravl import class_embeddings, grid_boxes, ravl_loss, read_boxes_csv, region_embeddings
+from trainer.ravl import (
+    class_embeddings,
+    grid_boxes,
+    ravl_batch_loss,
+    ravl_loss,
+    read_boxes_csv,
+    region_embeddings,
+)
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 
@@ -281,3 +288,17 @@ def test_loss_pushes_spurious_regions_away_from_classes():
     before = F.normalize(emb[4], dim=-1) @ cls[1]
     after = F.normalize(emb[4] - 0.5 * emb.grad[4], dim=-1) @ cls[1]
     assert after < before
+
+
+def test_batch_loss_composes_regions_and_loss(tiny_vit):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    spurious = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    labels, cls = torch.tensor([0, 1, 1]), torch.randn(2, 32, generator=gen)
+    out = ravl_batch_loss(tiny_vit, x, spurious, labels, cls, grid=(2, 2), mode="roi")
+    emb, img = region_embeddings(tiny_vit, x, grid=(2, 2), mode="roi")
+    ref = ravl_loss(emb, img, spurious.flatten(), labels, cls)
+    torch.testing.assert_close(out["reg_loss"], ref["reg_loss"])
+    assert out["n_images"].item() == 2
+    with pytest.raises(ValueError, match="grid"):
+        ravl_batch_loss(tiny_vit, x, spurious[:, :2], labels, cls)

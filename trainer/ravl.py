@@ -272,3 +272,31 @@ def ravl_loss(
     reduce = torch.mean if reduction == "mean" else torch.sum
     lr, la = reduce(loss_r), reduce(loss_a)
     return {"region_loss": lr, "align_loss": la, "reg_loss": lr + la, "n_images": torch.tensor(n)}
+
+
+def ravl_batch_loss(
+    model: torch.nn.Module,
+    images: Tensor,
+    spurious: Tensor,
+    labels: Tensor,
+    class_emb: Tensor,
+    grid: tuple[int, int] = (2, 2),
+    mode: Mode = "crop",
+    tau: float = 0.07,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> dict[str, Tensor]:
+    """`ravl_loss` for a training batch whose images share one region grid.
+
+    Args:
+        images: (B, 3, H, W) preprocessed batch; gradients reach the image encoder.
+        spurious: (B, rows*cols) bool, per image and grid cell (row-major) whether it lies in the
+            discovered cluster, e.g. from `discover.assign_dataset` before training.
+        labels: (B,) class index per image; class_emb: (C, D) frozen class prompt embeddings.
+    """
+    n_cells = grid[0] * grid[1]
+    if spurious.shape != (len(images), n_cells):
+        raise ValueError(
+            f"spurious must be (B, {n_cells}) for a {grid[0]}x{grid[1]} grid, got {tuple(spurious.shape)}"
+        )
+    emb, img = region_embeddings(model, images, grid=grid, mode=mode)
+    return ravl_loss(emb, img, spurious.reshape(-1).to(emb.device), labels, class_emb, tau, reduction)
