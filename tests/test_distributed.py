@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 
-STEP_SCRIPT = r'''
+STEP_SCRIPT = r"""
 import sys
 import torch
 from accelerate import Accelerator
@@ -71,7 +71,7 @@ for name, overrides in [
     grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
     results[name] = {"terms": {k: float(v) for k, v in terms.items()}, "grads": grads}
 torch.save(results, f"{out}.rank{rank}.pt")
-'''
+"""
 
 
 def _free_port() -> int:
@@ -109,8 +109,9 @@ def _wait(p: subprocess.Popen, timeout: int = 240) -> str:
 def test_two_processes_equal_one_on_the_global_batch(tmp_path, tiny_clip):
     script = tmp_path / "step.py"
     script.write_text(STEP_SCRIPT)
-    one, two = _launch([str(script), str(tiny_clip), str(tmp_path / "one")], 1), _launch(
-        [str(script), str(tiny_clip), str(tmp_path / "two")], 2
+    one, two = (
+        _launch([str(script), str(tiny_clip), str(tmp_path / "one")], 1),
+        _launch([str(script), str(tiny_clip), str(tmp_path / "two")], 2),
     )
     _wait(one), _wait(two)
     ref = torch.load(tmp_path / "one.rank0.pt")
@@ -136,7 +137,10 @@ def test_two_process_run_matches_one_process_run(tmp_path, tiny_config):
         paths[tag] = tmp_path / f"{tag}.yaml"
         with paths[tag].open("w") as f:
             YAML(typ="safe", pure=True).dump(c, f)
-    procs = {tag: _launch(["-m", "trainer.cli", "run", "--config", str(paths[tag])], n) for tag, n in (("one", 1), ("two", 2))}
+    procs = {
+        tag: _launch(["-m", "trainer.cli", "run", "--config", str(paths[tag])], n)
+        for tag, n in (("one", 1), ("two", 2))
+    }
     for p in procs.values():
         _wait(p)
     runs = Path(cfg["runs_dir"])

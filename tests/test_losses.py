@@ -1,6 +1,6 @@
 """Loss functions: star_loss against a hand-computed case and a per-row reference; clip_loss targets.
 
-    .venv/bin/pytest tests/test_losses.py -q
+.venv/bin/pytest tests/test_losses.py -q
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class TestStarLossByHand:
         g = torch.Generator().manual_seed(0)
         x = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
         s = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
-        xt, st = F.normalize(torch.randn(4, 8, generator=g), dim=1), F.normalize(torch.randn(4, 8, generator=g), dim=1)
+        xt, st = (
+            F.normalize(torch.randn(4, 8, generator=g), dim=1),
+            F.normalize(torch.randn(4, 8, generator=g), dim=1),
+        )
         loss = star_loss(x, s, xt, st, torch.zeros(4, dtype=torch.long), 100.0)
         loss.backward()
         assert loss.item() == 0.0

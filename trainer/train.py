@@ -227,6 +227,21 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def new_accelerator(**kwargs: Any):
+    """An Accelerator from a clean accelerate state.
+
+    train() may run several times in one process (benchmarks, tests) with different precision or
+    accumulation; accelerate keeps those in process-wide singletons, so each run starts from a clean one.
+    The distributed PartialState (the process group) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -372,7 +387,6 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict[str, An
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Fine-tune (or only evaluate, method zeroshot) as `cfg` says; returns the run directory."""
-    from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
@@ -384,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method = inputs.method
 
     try:
-        accelerator = Accelerator(
+        accelerator = new_accelerator(
             mixed_precision=_mixed_precision(cfg.mixed_precision),
             gradient_accumulation_steps=cfg.grad_accum,
             # The loader yields the global micro-batch and each process takes its slice: the global batch,

@@ -33,14 +33,13 @@ def interpolate(
 
 def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "best"] = "last") -> Path:
     """Write <run>/wise/alpha-<a>/{model.safetensors, metrics.json}; returns that directory."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
 
     from trainer.config import load_config
     from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
     from trainer.model import FineTuner, build_clip
-    from trainer.train import _write_json, load_inputs
+    from trainer.train import _write_json, load_inputs, new_accelerator
 
     if not 0.0 <= alpha <= 1.0:
         raise TrainerError(f"alpha must be in [0, 1], got {alpha}")
@@ -53,7 +52,7 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     cfg = load_config(run_dir / "config.yaml")
     torch.set_num_threads(cfg.threads or min(4, __import__("os").cpu_count() or 1))
     inputs = load_inputs(cfg)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = new_accelerator()
     set_seed(cfg.seed)  # as in train(): a random-init zero-shot model is rebuilt identically
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
     head = None

@@ -1,0 +1,197 @@
+"""End-to-end training on a tiny open_clip model: every method, resume equivalence, WiSE-FT, schedules.
+
+.venv/bin/pytest tests/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import build_config, load_config
+from trainer.errors import ConfigError, RunDirError
+from trainer.train import MethodSpec, compute_losses, get_method, lam_at, lr_at, register_method, train
+
+
+def _rows(run: Path, kind: str) -> list[dict]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def snapshot(d: Path) -> dict[str, str]:
+    """sha256 of every file under a directory, by relative path."""
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "ft", "flyp", "starft", "kl"])
+def test_every_method_runs_and_reports(tiny_config, method):
+    cfg = build_config(tiny_config, [f"method={method}", f"name=m-{method}"])
+    run = train(cfg)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["method"] == method and m["complete"] is True
+    val, grp = m["final"]["val"], m["final"]["groups_b"]
+    assert val["n"] == 16 and 0 <= val["top1"] <= 100
+    assert set(grp["per_group"]) == {"cat/land", "cat/water", "dog/land", "dog/water"}
+    assert grp["worst_group"] <= grp["worst3_mean"] <= 100 and grp["worst_group"] <= grp["group_mean"]
+    assert load_config(run / "config.yaml") == cfg
+    info = json.loads((run / "run.json").read_text())
+    assert set(info["versions"]) >= {"python", "torch", "open_clip", "trainer"}
+    assert (run / "accuracy.png").stat().st_size > 0 and (run / "groups.png").stat().st_size > 0
+    if method == "zeroshot":
+        return
+    steps = _rows(run, "step")
+    assert [r["step"] for r in steps] == list(range(1, 9))  # 32 images / batch 8 x 2 epochs
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in steps)
+    assert [r["epoch"] for r in _rows(run, "epoch")] == [1, 2]
+    assert (run / "checkpoints" / "last.safetensors").is_file() and (
+        run / "checkpoints" / "best.safetensors"
+    ).is_file()
+    assert m["best"]["step"] in (4, 8)
+    assert (run / "loss.png").stat().st_size > 0
+    if method in ("starft", "kl"):
+        assert info["bank"]["content_hash"].startswith("sha256:") and info["bank"]["file_sha256"].startswith(
+            "sha256:"
+        )
+        assert len(info["bank"]["descriptors"]) == 3
+        assert steps[0]["reg_loss"] == pytest.approx(0.0, abs=1e-6)  # student == teacher at the first step
+        assert max(r["reg_loss"] for r in steps) > 0
+        assert steps[0]["lam"] == pytest.approx(0.25) and steps[-1]["lam"] == pytest.approx(
+            0.0
+        )  # epoch decay, E=2
+    else:
+        assert all(r["reg_loss"] == 0 for r in steps)
+    if method == "ft":
+        assert (run / "checkpoints" / "last.head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_ends_where_the_uninterrupted_run_ends(tiny_config, grad_accum):
+    base = [f"grad_accum={grad_accum}", "checkpoint_every=2"]
+    full = train(build_config(tiny_config, base + ["name=full"]))
+    part = train(build_config(tiny_config, base + ["name=part", "max_steps=3"]))  # stops mid-epoch 1
+    mp = json.loads((part / "metrics.json").read_text())
+    assert mp["step"] == 3 and mp["complete"] is False
+    resumed = train(build_config(tiny_config, base + ["name=part"]), resume=True)
+    a, b = (
+        load_file(str(full / "checkpoints" / "last.safetensors")),
+        load_file(str(resumed / "checkpoints" / "last.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    ma, mb = (
+        json.loads((full / "metrics.json").read_text()),
+        json.loads((resumed / "metrics.json").read_text()),
+    )
+    assert mb["complete"] and mb["step"] == ma["step"]
+    assert mb["best"] == ma["best"]
+    assert mb["final"] == ma["final"]
+    la, lb = _rows(full, "step"), _rows(resumed, "step")
+    assert [r["step"] for r in lb] == [r["step"] for r in la]
+    for ra, rb in zip(la, lb):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
+
+
+def test_existing_run_dir_is_refused_and_left_unchanged(tiny_config):
+    cfg = build_config(tiny_config, ["method=flyp", "total_steps=1"])
+    run = train(cfg)
+    before = snapshot(run)
+    with pytest.raises(RunDirError, match="exists"):
+        train(cfg)
+    with pytest.raises(RunDirError, match="different config"):
+        train(build_config(tiny_config, ["method=flyp", "total_steps=1", "seed=1"]), resume=True)
+    assert snapshot(run) == before
+
+
+def test_resume_without_state_is_an_error(tiny_config):
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train(build_config(tiny_config, ["name=never-ran"]), resume=True)
+
+
+@pytest.mark.parametrize("method", ["flyp", "ft"])
+def test_wise_endpoints(tiny_config, method):
+    """alpha=0 reproduces the zero-shot model's metrics, alpha=1 the fine-tuned run's."""
+    from trainer.wise import wise
+
+    zs = train(build_config(tiny_config, ["method=zeroshot", f"name=zs-{method}"]))
+    run = train(build_config(tiny_config, [f"method={method}", f"name=ft-{method}"]))
+    zero = json.loads((wise(run, 0.0) / "metrics.json").read_text())["final"]
+    one = json.loads((wise(run, 1.0) / "metrics.json").read_text())["final"]
+    assert zero == json.loads((zs / "metrics.json").read_text())["final"]
+    assert one == json.loads((run / "metrics.json").read_text())["final"]
+    half = wise(run, 0.5)
+    assert (half / "model.safetensors").is_file() and half.name == "alpha-0.5"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["spurious=none", "bank=null"],  # the paper's clean-caption ablation
+        ["spurious=random"],
+        ["positives=label", "method=flyp"],
+        ["freeze_logit_scale=true", "kl_scale=50", "lam_decay=step"],
+        ["mixed_precision=bf16", "total_steps=3"],
+    ],
+)
+def test_options_run(tiny_config, overrides):
+    run = train(build_config(tiny_config, overrides + ["name=opt"]))
+    steps = _rows(run, "step")
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    info = json.loads((run / "run.json").read_text())
+    if "freeze_logit_scale=true" in overrides:
+        assert len({r["logit_scale"] for r in steps}) == 1
+        assert info["kl_scale"] == 50
+        assert steps[0]["lam"] == pytest.approx(0.5 * (1 - 1 / 8))
+    if "total_steps=3" in overrides:
+        assert len(steps) == 3 and info["mixed_precision"] == "bf16"
+
+
+def test_schedules():
+    cfg = build_config(
+        {"method": "flyp", "data": {"train": {"path": "x.csv"}}},
+        ["lr=1.0", "warmup_steps=2", "lam=0.5", "epochs=4"],
+    )
+    assert [lr_at(s, cfg, 10) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, cfg, 10) == pytest.approx(1.0) and lr_at(10, cfg, 10) == pytest.approx(0.0)
+    assert [lam_at(0, e, cfg, 40, 4) for e in range(4)] == pytest.approx([0.375, 0.25, 0.125, 0.0])
+    step_cfg = build_config({"method": "flyp", "data": {"train": {"path": "x.csv"}}}, ["lam_decay=step"])
+    assert lam_at(9, 0, step_cfg, 10, 1) == pytest.approx(0.0)
+    none_cfg = build_config({"method": "flyp", "data": {"train": {"path": "x.csv"}}}, ["lam_decay=none"])
+    assert lam_at(9, 3, none_cfg, 10, 4) == 0.5
+
+
+def test_unknown_plugin_method_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not available yet"):
+        get_method("nosuchmethod")
+
+
+def test_registered_extra_term_enters_the_loss(tiny_clip):
+    """A plug-in method's term is added with weight lambda (how trainer/ravl.py hooks in)."""
+    from accelerate import Accelerator
+
+    from trainer.model import FineTuner, build_clip
+
+    register_method(MethodSpec("plus_one", "contrastive", reg_term=lambda ctx: ctx.image.sum() * 0 + 1.0))
+    clip, _, tok = build_clip(str(tiny_clip), None)
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "label": torch.tensor([0, 1, 2, 3]),
+        "caption": tok(["a photo of a cat."] * 4),
+    }
+    cfg = build_config({"method": "flyp", "data": {"train": {"path": "x.csv"}}}, ["method=flyp"])
+    terms = compute_losses(
+        FineTuner(clip), batch, get_method("plus_one"), cfg, Accelerator(cpu=True), None, 1.0, 0.25
+    )
+    assert terms["reg_loss"].item() == 1.0
+    assert terms["loss"].item() == pytest.approx(terms["contrastive_loss"].item() + 0.25)
