@@ -17,6 +17,16 @@ Steps (issue 6; RaVL, NeurIPS 2024, sec. 3.1 and appendix D.1):
 
 The math of steps 3-6 is `discover_from_arrays`, which takes embeddings and zero-shot probabilities
 directly. `name_features` + `propose_to_bank` hand the discovered features to a new bank version.
+
+Choices the paper leaves open (facts about RaVL's code from Stanford-AIMI/RaVL, ravl/discover*.py):
+- Distance is 1 − cosine, kept in [0, 2] (RaVL's code clips it at 1); FasterPAM with a seeded random
+  init (RaVL: k-medoids++ from sklearn_extra); the first k with the best silhouette wins, as in RaVL.
+- Above `max_cluster_regions` regions a seeded sample is clustered and every region goes to its nearest
+  medoid, which is also how `assign_regions` places new regions, so a report is self-contained.
+- A cluster with no misclassified image to judge has influence None (RaVL: −inf) and is dropped.
+- Crop mode crops the original image and runs the crop through the model's own transform; RoI mode maps
+  boxes through open_clip's eval geometry (shortest side resized, centre crop), exact for square images.
+- Features are named by the candidate phrases nearest to the cluster's medoid embedding.
 """
 
 from __future__ import annotations
