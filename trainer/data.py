@@ -64,7 +64,7 @@ class ImageSet:
             return [None] * len(self)
         if self.group_by == "group":
             return list(self.groups)
-        return [f"{self.classes[y]}/{g}" for y, g in zip(self.labels, self.groups)]
+        return [None if g is None else f"{self.classes[y]}/{g}" for y, g in zip(self.labels, self.groups)]
 
 
 def _format(template: str, c: str, g: str | None = None) -> str:
