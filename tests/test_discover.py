@@ -80,8 +80,10 @@ def test_influence_score_by_hand():
             [0.1, 0.9],
         ]
     )
-    gaps = [ClassGap(label=1, n_in=3, acc_in=0.0, n_out=1, acc_out=1.0, weight=0.5, gap=-0.5),
-            ClassGap(label=0, n_in=1, acc_in=0.0, n_out=0, acc_out=0.0, weight=0.0, gap=0.1)]  # fmt: skip
+    gaps = [
+        ClassGap(label=1, n_in=3, acc_in=0.0, n_out=1, acc_out=1.0, weight=0.5, gap=-0.5),
+        ClassGap(label=0, n_in=1, acc_in=0.0, n_out=0, acc_out=0.0, weight=0.0, gap=0.1),
+    ]
     score, by_class = influence_score(in_cluster, region_image, labels, preds, region_probs, gaps)
     assert by_class == {1: 0.5} and score == 0.5
     no_negative = [g.model_copy(update={"gap": 0.3}) for g in gaps]
@@ -130,11 +132,13 @@ def planted(seed=0, n=90, correlated=True, D=24):
     return np.array(emb), np.array(region_image), np.array(labels), image_probs, region_probs, types
 
 
-def test_planted_cluster_is_found_and_ranked_first():
-    emb, img, labels, iprobs, rprobs, types = planted()
-    report = discover_from_arrays(
-        emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(seed=0, n_cpu=1)
-    )
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_cluster_is_found_and_ranked_first(seed):
+    emb, img, labels, iprobs, rprobs, types = planted(seed)
+    paths = [f"image-{i}" for i in range(len(labels))]
+    boxes = [(float(r), 0.0, float(r) + 1, 1.0) for r in range(len(types))]  # one distinct box per region
+    cfg = DiscoverConfig(seed=seed, n_cpu=1)
+    report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], cfg, paths, boxes)
     assert report.features, "the rectangle cluster must be discovered"
     top = report.features[0]
     assert all(types[r] == RECT for r in top.region_ids)
@@ -142,15 +146,10 @@ def test_planted_cluster_is_found_and_ranked_first():
     stats = next(s for s in report.clusters if s.cluster == top.cluster)
     gap = {g.label: g.gap for g in stats.gaps}
     assert gap[0] > 0 and gap[1] < 0 and gap[2] < 0
-    rect_ids = {r for r in range(len(types)) if types[r] == RECT}
-    assert precision_at_k(report, lambda p, b: False, k=10) == 0.0  # a predicate as ground truth
-    # ground truth as (path, box) pairs
-    paths = [f"image-{i}" for i in range(len(labels))]
-    boxes = [(float(r), 0.0, float(r) + 1, 1.0) for r in range(len(types))]
-    report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1),
-                                  paths=paths, boxes=boxes)  # fmt: skip
-    gt = {(paths[img[r]], boxes[r]) for r in rect_ids}
+    gt = {(paths[img[r]], boxes[r]) for r in range(len(types)) if types[r] == RECT}
     assert precision_at_k(report, gt, k=10) == 1.0
+    assert precision_at_k(report, lambda p, b: (p, b) in gt, k=10) == 1.0  # a predicate as ground truth
+    assert precision_at_k(report, lambda p, b: False, k=10) == 0.0
     # the gap score orders the kept clusters, and every kept cluster passes the filter
     scores = [f.gap_score for f in report.features]
     assert scores == sorted(scores, reverse=True)
@@ -319,8 +318,9 @@ def test_contact_sheet_and_tables_with_a_feature(tmp_path, quad_eval):
     emb, img, labels, iprobs, rprobs, _types = planted(n=30)
     paths = [p for p, _ in rows]
     boxes = [b for _, b, _ in regions]
-    report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1),
-                                  paths=paths, boxes=boxes)  # fmt: skip
+    report = discover_from_arrays(
+        emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1), paths=paths, boxes=boxes
+    )
     assert report.features
     console = Console(record=True, width=120)
     print_report(report, console)
@@ -402,8 +402,7 @@ def test_name_features_ranks_phrases_by_medoid_similarity(tiny_clip):
     phrases = ["with a red rectangle", "on grass", "in the snow"]
     with torch.no_grad():
         t = class_embeddings(model, tokenizer, phrases, ("{c}", "a photo {c}."))
-    medoids = [list(m) for m in report.medoid_embeddings]
-    medoids = [[0.0] * 32 for _ in medoids]
+    medoids = [[0.0] * 32 for _ in report.medoid_embeddings]
     medoids[report.features[0].cluster] = t[2].tolist()
     report = report.model_copy(update={"medoid_embeddings": medoids})
     names = name_features(report, model, tokenizer, phrases, top=2)

@@ -164,9 +164,15 @@ def write_quadrant_split(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     samples = quadrant_samples(
-        n, spurious_class=spurious_class, strength=strength, seed=seed, pool=pool,
-        quadrant_px=quadrant_px, rect_margin=rect_margin, split_seed=split_seed,
-    )  # fmt: skip
+        n,
+        spurious_class=spurious_class,
+        strength=strength,
+        seed=seed,
+        pool=pool,
+        quadrant_px=quadrant_px,
+        rect_margin=rect_margin,
+        split_seed=split_seed,
+    )
     boxes = quadrant_boxes(quadrant_px)
     table = np.zeros((10, 2), dtype=int)
     csv_path = out_dir / f"{name}.csv"
