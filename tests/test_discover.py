@@ -36,6 +36,7 @@ from trainer.discover import (
     read_rows,
     save_report,
     spurious_mask,
+    to_bank,
 )
 from trainer.ravl import region_embeddings
 from trainer.ravl_data import (
@@ -409,3 +410,16 @@ def test_name_features_ranks_phrases_by_medoid_similarity(tiny_clip):
     assert len(names) == len(report.features)
     assert names[0][0][0] == "in the snow" and names[0][0][1] == pytest.approx(1.0, abs=1e-4)
     assert len(names[0]) == 2 and names[0][0][1] >= names[0][1][1]
+
+
+def test_to_bank_names_and_writes(tiny_clip, bank_v1):
+    from descgen.bank import load_bank
+
+    model, _, tokenizer = tiny_clip
+    emb, img, labels, iprobs, rprobs, _ = planted()
+    report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1))
+    report = report.model_copy(update={"medoid_embeddings": torch.randn(report.k, 32).tolist()})
+    out = to_bank(report, bank_v1, model, tokenizer, ["with a red rectangle", "with a blue circle"])
+    bank = load_bank(out)
+    stats = bank.meta.generations[-1].stats
+    assert out.name == "v2.yaml" and stats["added"] + stats["matched_existing"] == len(report.features)

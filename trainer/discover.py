@@ -747,3 +747,18 @@ def propose_to_bank(
         stats={"features": len(report.features), "added": len(added), "matched_existing": len(matched)},
     )
     return doc.save(banks_dir if banks_dir is not None else Path(bank_path).parent, out=out)
+
+
+def to_bank(
+    report: Report,
+    bank_path: str | Path,
+    model,
+    tokenizer: Callable,
+    candidates: Sequence[str] = (),
+    use_bank_phrases: bool = True,
+    **kwargs: Any,
+) -> Path:
+    """`trainer discover ... --to-bank`: name the features among `candidates` (and the bank's own
+    descriptor phrases) and write them into a new bank version; kwargs go to `propose_to_bank`."""
+    phrases = list(candidates) + (bank_phrases(bank_path) if use_bank_phrases else [])
+    return propose_to_bank(report, bank_path, name_features(report, model, tokenizer, phrases), **kwargs)
