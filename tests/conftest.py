@@ -109,6 +109,13 @@ def tiny_bank(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_clip, image_data, tiny_bank) -> dict[str, Any]:
     """A config dict for a seconds-long run on CPU (write it with yaml or pass to build_config)."""
+    return tiny_config_for(tmp_path, tiny_clip, image_data, tiny_bank)
+
+
+def tiny_config_for(
+    tmp_path: Path, tiny_clip: Path, image_data: dict[str, Path], tiny_bank: Path
+) -> dict[str, Any]:
+    """The `tiny_config` dict for any directory (usable from fixtures of a wider scope)."""
     return {
         "name": "test-run",
         "runs_dir": str(tmp_path / "runs"),

@@ -33,12 +33,12 @@ from trainer.model import FineTuner, build_clip, make_teacher
 from trainer.train import TeacherFeatures, compute_losses, get_method
 
 torch.set_num_threads(1)
-model_json, out = sys.argv[1], sys.argv[2]
+model_json, out, run_config = sys.argv[1], sys.argv[2], sys.argv[3]
 acc = Accelerator(cpu=True)
 set_seed(0)
 clip, _, tokenizer = build_clip(model_json, None)
 teacher = make_teacher(clip)
-teacher_scale = float(clip.logit_scale.exp())
+teacher_scale = float(clip.logit_scale.exp().detach())
 with torch.no_grad():  # move the student away from the teacher so the KL has a gradient
     g = torch.Generator().manual_seed(3)
     for p in clip.parameters():
@@ -71,6 +71,12 @@ for name, overrides in [
     grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
     results[name] = {"terms": {k: float(v) for k, v in terms.items()}, "grads": grads}
 torch.save(results, f"{out}.rank{rank}.pt")
+
+# Then a whole `trainer run` in the same processes (saves a second launch).
+from trainer.config import load_config
+from trainer.train import train
+
+train(load_config(run_config))
 """
 
 
@@ -106,14 +112,32 @@ def _wait(p: subprocess.Popen, timeout: int = 240) -> str:
     return out
 
 
-def test_two_processes_equal_one_on_the_global_batch(tmp_path, tiny_clip):
-    script = tmp_path / "step.py"
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_clip, image_data):
+    """One single-process and one two-process launch of STEP_SCRIPT, run concurrently."""
+    from ruamel.yaml import YAML
+
+    from tests.conftest import make_bank, tiny_config_for
+
+    tmp = tmp_path_factory.mktemp("dist")
+    script = tmp / "step.py"
     script.write_text(STEP_SCRIPT)
-    one, two = (
-        _launch([str(script), str(tiny_clip), str(tmp_path / "one")], 1),
-        _launch([str(script), str(tiny_clip), str(tmp_path / "two")], 2),
+    cfg = dict(
+        tiny_config_for(tmp, tiny_clip, image_data, make_bank(tmp / "banks")), epochs=1, eval_batch_size=8
     )
-    _wait(one), _wait(two)
+    procs = []
+    for tag, nproc in (("one", 1), ("two", 2)):
+        path = tmp / f"{tag}.yaml"
+        with path.open("w") as f:
+            YAML(typ="safe", pure=True).dump(dict(cfg, name=f"run-{tag}"), f)
+        procs.append(_launch([str(script), str(tiny_clip), str(tmp / tag), str(path)], nproc))
+    for p in procs:
+        _wait(p)
+    return tmp, Path(cfg["runs_dir"])
+
+
+def test_two_processes_equal_one_on_the_global_batch(launched):
+    tmp_path, _ = launched
     ref = torch.load(tmp_path / "one.rank0.pt")
     ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1)]
     for name, expected in ref.items():
@@ -126,24 +150,9 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path, tiny_clip):
                 assert torch.allclose(got[name]["grads"][k], g, rtol=1e-4, atol=1e-6), (name, k)
 
 
-def test_two_process_run_matches_one_process_run(tmp_path, tiny_config):
-    """`trainer run` end to end under accelerate launch: same step losses and final metrics as one process."""
-    from ruamel.yaml import YAML
-
-    cfg = dict(tiny_config, epochs=1, eval_batch_size=8)
-    paths = {}
-    for tag in ("one", "two"):
-        c = dict(cfg, name=f"run-{tag}")
-        paths[tag] = tmp_path / f"{tag}.yaml"
-        with paths[tag].open("w") as f:
-            YAML(typ="safe", pure=True).dump(c, f)
-    procs = {
-        tag: _launch(["-m", "trainer.cli", "run", "--config", str(paths[tag])], n)
-        for tag, n in (("one", 1), ("two", 2))
-    }
-    for p in procs.values():
-        _wait(p)
-    runs = Path(cfg["runs_dir"])
+def test_two_process_run_matches_one_process_run(launched):
+    """`trainer run` end to end in two processes: same step losses and final metrics as one process."""
+    _, runs = launched
 
     def steps(tag):
         rows = [json.loads(ln) for ln in (runs / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
