@@ -100,13 +100,12 @@ def expand_concept(
     start, tokens0, rnd = clock(), gen.tokens, 0
     while True:
         rnd += 1
-        prefills, messages = [], None
-        for _ in range(sampling.batch_size):
-            # Each row lists the few-shot examples in its own order: cheap diversity.
-            order = rng.sample(examples, len(examples))
-            variables = descriptor_vars(concept, hint or (entry.hint if entry else None), order, rules.max_words)
-            messages, prefill = prompt.render(**variables)
-            prefills.append(prefill.lstrip("\n"))
+        # Each round lists the few-shot examples in another order: cheap diversity. All rows of a
+        # round share one prompt, so the generator can compute its KV cache once.
+        order = rng.sample(examples, len(examples))
+        variables = descriptor_vars(concept, hint or (entry.hint if entry else None), order, rules.max_words)
+        messages, prefill = prompt.render(**variables)
+        prefills = [prefill.lstrip("\n")] * sampling.batch_size
         outs = gen.generate(
             messages,
             prefills,

@@ -183,19 +183,33 @@ class HFGenerator:
         # The chat template already holds any BOS token: do not let the tokenizer add another.
         enc = tok([chat + p for p in prefills], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        pad_token_id=tok.pad_token_id)
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-            )
+            cache = self._shared_prefix(enc) if len(set(prefills)) == 1 and len(prefills) > 1 else None
+            out = self.model.generate(**enc, past_key_values=cache, **sampling)
         new = out[:, enc["input_ids"].shape[1] :]
         self.tokens += int((new != tok.pad_token_id).sum())
         return tok.batch_decode(new, skip_special_tokens=True)
+
+    def _shared_prefix(self, enc):
+        """KV cache of the one prompt all rows share, computed once and repeated per row.
+
+        The prompt is most of the compute per batch (16 rows x ~80 prompt tokens vs ~40 new ones),
+        so this saves a large share of the sampling time; None if the model's cache cannot do it.
+        """
+        try:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            ids = enc["input_ids"][:1, :-1]  # generate() feeds the last prompt token itself
+            self.model(input_ids=ids, attention_mask=enc["attention_mask"][:1, :-1], past_key_values=cache,
+                       use_cache=True)
+            cache.batch_repeat_interleave(enc["input_ids"].shape[0])
+            return cache
+        except Exception:  # an architecture with its own cache type: sample without sharing
+            return None
 
 
 def _quiet_transformers() -> None:
