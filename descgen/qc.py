@@ -101,6 +101,7 @@ class Rules:
     examples: frozenset[str] = frozenset()
     starts: frozenset[str] = frozenset()
     max_words: int = 5
+    hint_words: frozenset[str] = frozenset()
     classes: frozenset[str] = frozenset()
     concept_names: frozenset[str] = frozenset()
 
@@ -113,6 +114,7 @@ def rules_for(concept: str, form: Form, entry=None, classes: Iterable[str] = (),
         examples=frozenset(near_key(e) for e in (entry.examples if entry else [])),
         starts=frozenset(entry.starts if entry else []),
         max_words=entry.max_words if entry else 5,
+        hint_words=frozenset(near_key(entry.hint).split() if entry else []),
         classes=frozenset(classes),
         concept_names=frozenset(concept_names) | {concept},
     )
@@ -138,8 +140,10 @@ def judge(item: str, rules: Rules) -> tuple[str, str | None]:
         return text, TOO_LONG
     if words[-1] in ARTICLES | PREPOSITIONS or words[-1].endswith("'"):
         return text, INCOMPLETE
-    if near_key(text) in rules.examples:
-        return text, ECHO
+    if near_key(text) in rules.examples or (rules.hint_words and set(near_key(text).split()) <= rules.hint_words):
+        return text, ECHO  # "one adjective" echoes the hint
+    if len(text.replace(" ", "")) < 3:
+        return text, NOT_PHRASE
     if _has_word(text, rules.classes):
         return text, NAMES_CLASS
     if _has_word(text, rules.concept_names):
