@@ -61,7 +61,10 @@ def test_tiny_pretraining_writes_a_complete_folder(tiny_cfg, tiny_run):
             z
         )
     assert "snow" in meta["vocabulary"]
-    assert json.loads((run_dir / "model.json").read_text())["text_cfg"]["context_length"] == 32
+    assert (
+        json.loads((run_dir / "model.json").read_text())["text_cfg"]["context_length"]
+        == tiny_cfg.context_length
+    )
 
 
 def test_cached_model_is_reused(tiny_cfg, tiny_run, monkeypatch):

@@ -105,7 +105,8 @@ def test_write_split_and_cache(tiny_world, tmp_path, monkeypatch):
     out = write_split(tiny_world, "b_groups_val", tmp_path)
     rows = _rows(out)
     assert len(rows) == 5 * 5 * 4
-    assert {"path", "label", "group"} <= set(rows[0])
+    assert {"path", "label", "group", "typical"} <= set(rows[0])
+    assert sum(int(r["typical"]) for r in rows) == 5 * 4  # one typical background per task-B class
     assert (out / rows[0]["path"]).is_file()
     assert (out / "classnames.txt").read_text().split("\n")[:2] == ["five", "six"]
     assert {r["group"] for r in rows} == set(tiny_world.group_backgrounds)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class PretrainConfig(BaseModel):
     text_width: int = 96
     text_heads: int = 4
     text_layers: int = 2
-    context_length: int = 32
+    context_length: int = 24  # captions are <= 22 tokens; longer ones are cut
     steps: int = 800
     batch_size: int = 256
     lr: float = 1e-3
@@ -280,7 +281,7 @@ def pretrain(
         return out
     if threads:
         torch.set_num_threads(threads)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     world = cfg.world
     model, tokenizer = build_model(cfg)
     model.logit_scale.requires_grad_(False)
@@ -294,7 +295,9 @@ def pretrain(
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*cols, disable=not progress, transient=False) as bar:
+    # No stdout/stderr redirection: when output is not a terminal, the log lines below appear as they happen.
+    with Progress(*cols, disable=not progress, redirect_stdout=False, redirect_stderr=False) as bar:
+        plain = progress and not bar.console.is_terminal
         task = bar.add_task("render pretraining set", total=1, info="")
         data = build_split(world, "pretrain")
         bar.update(task, advance=1)
@@ -342,7 +345,13 @@ def pretrain(
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 s = summary(evaluate_zero_shot(model, tokenizer, world, "val", ("a", "b_groups")))
                 history[-1]["val"] = s
-                bar.console.print(f"step {step + 1}: {s}")
+                print(f"step {step + 1}: {s}", file=sys.stderr, flush=True)
+            if plain and (step + 1) % 100 == 0:
+                print(
+                    f"step {step + 1}/{cfg.steps} loss {loss_m:.3f} {time.time() - t0:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             bar.update(task, advance=1, info=f"loss {loss_m:.3f}")
         t_train = time.time() - t0 - t_data
 
@@ -378,6 +387,8 @@ def pretrain(
             "data": round(t_data, 1),
             "train": round(t_train, 1),
             "total": round(time.time() - t0, 1),
+            # CPU seconds of this process: on idle cores, wall time ~ cpu / threads
+            "cpu": round(time.process_time() - cpu0, 1),
         },
         "threads": torch.get_num_threads(),
         "final_loss": history[-1]["loss"],

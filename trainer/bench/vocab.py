@@ -235,6 +235,7 @@ TEMPLATES_OBJ_BG = (
     "there is {obj} {loc}.",
     "{obj} seen {loc}.",
     "a {kind} showing {obj} {loc}.",
+    "{obj} {loc}, a {kind} with {noun} in the background.",
 )
 TEMPLATES_OBJ = (
     "a {kind} of {obj}.",

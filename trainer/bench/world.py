@@ -10,8 +10,9 @@ in pretraining (`pretrain_bias_b`), as birds and water go together in natural im
 
 Split names (see `SPLITS`): pretrain, a_train, and for each of a, a_sketch, a_unseen, b_groups, b_plain,
 b_sketch a `_val` and a `_test` version drawn with their own seeds (tune on val only).
-A written split is a folder with `data.csv` (path,label,group[,style,caption]), `classnames.txt` (label i is
-line i) and `images/*.png`; `group` is the background word. Labels index the split's own class list.
+A written split is a folder with `data.csv`, `classnames.txt` (label i is line i) and `images/*.png`.
+data.csv columns: path,label,group,style,typical[,caption]: `group` is the background word, `typical` is 1
+when it is one of the class's typical backgrounds. Labels index the split's own class list.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from trainer.bench.backgrounds import RENDERERS, render_background
 from trainer.bench.vocab import NUMBER_WORDS, SCENES, make_caption
 
-WORLD_VERSION = 1  # bump when rendering or sampling changes, so caches are not reused
+WORLD_VERSION = 2  # bump when rendering or sampling changes, so caches are not reused
 
 SEEN_BACKGROUNDS = (
     "grass",
@@ -413,11 +414,12 @@ def write_split(cfg: WorldConfig, name: str, root: str | Path = ".cache/bench", 
     data = build_split(cfg, name)
     with open(tmp / "data.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "group", "style"] + (["caption"] if data.captions else []))
+        w.writerow(["path", "label", "group", "style", "typical"] + (["caption"] if data.captions else []))
         for i in range(len(data.labels)):
             rel = f"images/{i:06d}.png"
             Image.fromarray(data.images[i]).save(tmp / rel)
-            row = [rel, int(data.labels[i]), data.backgrounds[i], data.styles[i]]
+            typical = int(data.backgrounds[i] in typical_for(cfg, int(data.digits[i])))
+            row = [rel, int(data.labels[i]), data.backgrounds[i], data.styles[i], typical]
             w.writerow(row + ([data.captions[i]] if data.captions else []))
     (tmp / "classnames.txt").write_text("".join(f"{n}\n" for n in data.class_names))
     counts: dict[str, int] = {}
