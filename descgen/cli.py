@@ -1,6 +1,6 @@
 """descgen: LLM-generated, schema-validated, versioned banks of spurious descriptors.
 
-    descgen concepts && descgen expand --concept background --n 50 && descgen review
+descgen concepts && descgen expand --concept background --n 50 && descgen review
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,24 +21,29 @@ from descgen.errors import BankError, DescgenError
 from descgen.review import review_items
 
 app = typer.Typer(
-    help=__doc__.splitlines()[0], no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False
+    help=__doc__.splitlines()[0],
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 BanksDir = Annotated[Path, typer.Option("--banks-dir", help="folder of versioned banks vN.yaml")]
-BankOpt = Annotated[Optional[Path], typer.Option("--bank", help="base bank (default: latest in --banks-dir)")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="write the new version here instead")]
+BankOpt = Annotated[Path | None, typer.Option("--bank", help="base bank (default: latest in --banks-dir)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="write the new version here instead")]
 ModelOpt = Annotated[
-    Optional[str], typer.Option("--model", help="local dir, .gguf file/dir or hub id (default: embedded)")
+    str | None, typer.Option("--model", help="local dir, .gguf file/dir or hub id (default: embedded)")
 ]
-PromptOpt = Annotated[Optional[Path], typer.Option("--prompt", help="prompt file overriding prompts/")]
-CatalogOpt = Annotated[Optional[Path], typer.Option("--catalog", help="concept catalog (prompts/catalog.yaml)")]
+PromptOpt = Annotated[Path | None, typer.Option("--prompt", help="prompt file overriding prompts/")]
+CatalogOpt = Annotated[Path | None, typer.Option("--catalog", help="concept catalog (prompts/catalog.yaml)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="sampling seed")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads (default min(4, cores))")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", min=1, help="torch threads (default min(4, cores))")
+]
 DownloadOpt = Annotated[bool, typer.Option("--allow-download", help="fetch --model from the hub if missing")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run model code from the model repo")]
-NoteOpt = Annotated[Optional[str], typer.Option("--note", help="reviewer note stored on each item")]
+NoteOpt = Annotated[str | None, typer.Option("--note", help="reviewer note stored on each item")]
 
 
 def boundary(fn):
@@ -67,7 +72,9 @@ def _base(bank: Path | None, banks_dir: Path, required: bool = True) -> BankDoc 
     path = latest_bank(banks_dir)
     if path is None:
         if required:
-            raise BankError(f"{banks_dir}: no bank yet (vN.yaml); run `descgen concepts` first or pass --bank")
+            raise BankError(
+                f"{banks_dir}: no bank yet (vN.yaml); run `descgen concepts` first or pass --bank"
+            )
         return None
     return BankDoc.load(path)
 
@@ -101,7 +108,10 @@ def _generator(model, threads, allow_download, trust_remote_code):
 
     t = time.monotonic()
     gen = load_generator(
-        model, threads=threads, allow_download=allow_download, trust_remote_code=trust_remote_code,
+        model,
+        threads=threads,
+        allow_download=allow_download,
+        trust_remote_code=trust_remote_code,
         log=lambda m: err.print(f"[dim]{m}[/dim]"),
     )
     err.print(f"[dim]model {gen.info.id} loaded on {gen.device} in {time.monotonic() - t:.1f}s[/dim]")
@@ -120,11 +130,17 @@ def _prompt_info(prompt):
 @app.command()
 @boundary
 def concepts(
-    banks_dir: BanksDir = Path("banks"), bank: BankOpt = None, out_path: OutOpt = None,
-    model: ModelOpt = None, prompt: PromptOpt = None, catalog: CatalogOpt = None,
+    banks_dir: BanksDir = Path("banks"),
+    bank: BankOpt = None,
+    out_path: OutOpt = None,
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    catalog: CatalogOpt = None,
     samples: Annotated[int, typer.Option(min=0, help="LLM samples (0: catalog only)")] = 20,
     min_count: Annotated[int, typer.Option(min=1, help="keep an uncatalogued proposal seen >= k times")] = 2,
-    seed: SeedOpt = 0, threads: ThreadsOpt = None, allow_download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    allow_download: DownloadOpt = False,
     trust_remote_code: RemoteOpt = False,
 ):
     """Propose spurious concepts (catalog + LLM) and write them into a new bank version."""
@@ -143,11 +159,16 @@ def concepts(
         info = gen.info
         props = propose_concepts(gen, tmpl, cat, samples=samples, sampling=sampling, seed=seed)
         log = [{"kind": "reply", "task": "concepts", "reply": r} for r in props.replies]
-        log += [{"kind": "rejected", "task": "concepts", "phrase": p, "count": n, "reason": "not a concept word"}
-                for p, n in props.rejected.items()]
+        log += [
+            {"kind": "rejected", "task": "concepts", "phrase": p, "count": n, "reason": "not a concept word"}
+            for p, n in props.rejected.items()
+        ]
     gid = doc.start_generation(
-        "concepts", model=info, prompt=_prompt_info(tmpl) if samples else None,
-        decoding=sampling.as_dict() if samples else {}, seed=seed if samples else None,
+        "concepts",
+        model=info,
+        prompt=_prompt_info(tmpl) if samples else None,
+        decoding=sampling.as_dict() if samples else {},
+        seed=seed if samples else None,
     )
     names = add_proposals(doc, props, cat, gid, min_count)
     stats = {"samples": samples, "concepts": len(names)}
@@ -164,12 +185,20 @@ def concepts(
 @app.command()
 @boundary
 def expand(
-    concept: Annotated[Optional[list[str]], typer.Option("--concept", help="concept to expand (repeatable)")] = None,
+    concept: Annotated[
+        list[str] | None, typer.Option("--concept", help="concept to expand (repeatable)")
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="expand every concept that is not rejected")] = False,
-    n: Annotated[int, typer.Option("--n", min=1, help="distinct accepted descriptors wanted per concept")] = 50,
-    banks_dir: BanksDir = Path("banks"), bank: BankOpt = None, out_path: OutOpt = None,
-    model: ModelOpt = None, prompt: PromptOpt = None, catalog: CatalogOpt = None,
-    classes: Annotated[Optional[str], typer.Option(help="extra class names to reject, comma-separated")] = None,
+    n: Annotated[
+        int, typer.Option("--n", min=1, help="distinct accepted descriptors wanted per concept")
+    ] = 50,
+    banks_dir: BanksDir = Path("banks"),
+    bank: BankOpt = None,
+    out_path: OutOpt = None,
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    catalog: CatalogOpt = None,
+    classes: Annotated[str | None, typer.Option(help="extra class names to reject, comma-separated")] = None,
     min_count: Annotated[int, typer.Option(min=1, help="keep a phrase only if sampled >= k times")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences sampled per batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
@@ -177,9 +206,11 @@ def expand(
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.9,
     max_rounds: Annotated[int, typer.Option(min=1, help="budget: batches per concept")] = 20,
     max_seconds: Annotated[float, typer.Option(min=0, help="budget: sampling seconds per concept")] = 120.0,
-    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="budget: new tokens per concept")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="budget: new tokens per concept")] = None,
     show_rejected: Annotated[bool, typer.Option(help="list every rejected phrase with its reason")] = False,
-    seed: SeedOpt = 0, threads: ThreadsOpt = None, allow_download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    allow_download: DownloadOpt = False,
     trust_remote_code: RemoteOpt = False,
 ):
     """Generate descriptors for concepts; the base bank plus the new ones becomes a new version."""
@@ -194,7 +225,9 @@ def expand(
     cat, tmpl = load_catalog(catalog), load_prompt(prompt or "descriptors")
     b = base.bank
     try:
-        chosen = [b.concept(c) for c in concept] if concept else [c for c in b.concepts if c.status != "rejected"]
+        chosen = (
+            [b.concept(c) for c in concept] if concept else [c for c in b.concepts if c.status != "rejected"]
+        )
     except KeyError as e:
         known = ", ".join(c.name for c in b.concepts) or "none"
         raise DescgenError(f"unknown concept {e.args[0]!r} in {base.path} (known: {known})") from None
@@ -210,23 +243,48 @@ def expand(
         entry = cat.get(c.name)
         rules = rules_for(c.name, c.form, entry, list(cat.classes) + extra, names)
         gid = doc.start_generation(
-            f"expand {c.name}", model=gen.info, prompt=_prompt_info(tmpl), decoding=sampling.as_dict(), seed=seed
+            f"expand {c.name}",
+            model=gen.info,
+            prompt=_prompt_info(tmpl),
+            decoding=sampling.as_dict(),
+            seed=seed,
         )
         t = time.monotonic()
         res = expand_concept(
-            gen, tmpl, c.name, rules, entry=entry, hint=c.hint, existing=existing_keys(doc, c.name), n=n,
-            min_count=min_count, sampling=sampling, budget=budget, seed=seed,
-            on_round=lambda r, k: err.print(f"[dim]{c.name}: round {r}, {k} accepted[/dim]"),
+            gen,
+            tmpl,
+            c.name,
+            rules,
+            entry=entry,
+            hint=c.hint,
+            existing=existing_keys(doc, c.name),
+            n=n,
+            min_count=min_count,
+            sampling=sampling,
+            budget=budget,
+            seed=seed,
+            on_round=lambda r, k, name=c.name: err.print(f"[dim]{name}: round {r}, {k} accepted[/dim]"),
         )
         new = add_expansion(doc, res, c.form, gid)
         added += len(new)
         doc.finish_generation(gid, stop_reason=res.stop_reason, stats=res.stats)
         log += [{"kind": "reply", "generation": gid, "concept": c.name} | r for r in res.replies]
-        log += [{"kind": "rejected", "generation": gid, "concept": c.name, "phrase": x.text, "count": x.count,
-                 "reason": x.reason} for x in res.collector.rejected()]
+        log += [
+            {
+                "kind": "rejected",
+                "generation": gid,
+                "concept": c.name,
+                "phrase": x.text,
+                "count": x.count,
+                "reason": x.reason,
+            }
+            for x in res.collector.rejected()
+        ]
         _report(c.name, res, time.monotonic() - t, show_rejected)
     if not added:
-        raise DescgenError("no descriptor was accepted within the budget; nothing written (see --show-rejected)")
+        raise DescgenError(
+            "no descriptor was accepted within the budget; nothing written (see --show-rejected)"
+        )
     _save(doc, banks_dir, out_path, log)
 
 
@@ -263,32 +321,50 @@ def _set_status(status, ids, match, concept, note, banks_dir, bank, out_path):
     _save(new, banks_dir, out_path)
 
 
-IdsArg = Annotated[Optional[list[str]], typer.Argument(help="ids or glob patterns, e.g. 'background.*'")]
-MatchOpt = Annotated[Optional[str], typer.Option("--match", help="regex over descriptor text")]
-ConceptOpt = Annotated[Optional[str], typer.Option("--concept", help="only this concept")]
+IdsArg = Annotated[list[str] | None, typer.Argument(help="ids or glob patterns, e.g. 'background.*'")]
+MatchOpt = Annotated[str | None, typer.Option("--match", help="regex over descriptor text")]
+ConceptOpt = Annotated[str | None, typer.Option("--concept", help="only this concept")]
 
 
 @app.command()
 @boundary
-def approve(ids: IdsArg = None, match: MatchOpt = None, concept: ConceptOpt = None, note: NoteOpt = None,
-            banks_dir: BanksDir = Path("banks"), bank: BankOpt = None, out_path: OutOpt = None):
+def approve(
+    ids: IdsArg = None,
+    match: MatchOpt = None,
+    concept: ConceptOpt = None,
+    note: NoteOpt = None,
+    banks_dir: BanksDir = Path("banks"),
+    bank: BankOpt = None,
+    out_path: OutOpt = None,
+):
     """Approve concepts/descriptors by id, glob or --match; writes a new version."""
     _set_status("approved", ids, match, concept, note, banks_dir, bank, out_path)
 
 
 @app.command()
 @boundary
-def reject(ids: IdsArg = None, match: MatchOpt = None, concept: ConceptOpt = None, note: NoteOpt = None,
-           banks_dir: BanksDir = Path("banks"), bank: BankOpt = None, out_path: OutOpt = None):
+def reject(
+    ids: IdsArg = None,
+    match: MatchOpt = None,
+    concept: ConceptOpt = None,
+    note: NoteOpt = None,
+    banks_dir: BanksDir = Path("banks"),
+    bank: BankOpt = None,
+    out_path: OutOpt = None,
+):
     """Reject concepts/descriptors by id, glob or --match; writes a new version."""
     _set_status("rejected", ids, match, concept, note, banks_dir, bank, out_path)
 
 
 @app.command()
 @boundary
-def review(concept: ConceptOpt = None,
-           status: Annotated[str, typer.Option(help="review items with this status")] = "proposed",
-           banks_dir: BanksDir = Path("banks"), bank: BankOpt = None, out_path: OutOpt = None):
+def review(
+    concept: ConceptOpt = None,
+    status: Annotated[str, typer.Option(help="review items with this status")] = "proposed",
+    banks_dir: BanksDir = Path("banks"),
+    bank: BankOpt = None,
+    out_path: OutOpt = None,
+):
     """Review items one by one: a=approve, r=reject, e=edit (then approve), s=skip, q=quit and save."""
     from rich.prompt import Prompt
 
@@ -322,8 +398,12 @@ def validate(files: Annotated[list[Path], typer.Argument(help="bank files")]):
             bad += 1
             continue
         if not bank.hash_is_current:
-            err.print(f"{f}:1: warning: meta.content_hash is stale (hand-edited); descgen refreshes it on save")
-        out.print(f"{f}: ok ({len(bank.concepts)} concepts, {sum(len(c.descriptors) for c in bank.concepts)} descriptors)")
+            err.print(
+                f"{f}:1: warning: meta.content_hash is stale (hand-edited); descgen refreshes it on save"
+            )
+        out.print(
+            f"{f}: ok ({len(bank.concepts)} concepts, {sum(len(c.descriptors) for c in bank.concepts)} descriptors)"
+        )
     if bad:
         raise typer.Exit(1)
 
@@ -342,10 +422,12 @@ def diff(a: Path, b: Path):
 
 @app.command()
 @boundary
-def show(file: Annotated[Optional[Path], typer.Argument(help="bank (default: latest)")] = None,
-         concept: ConceptOpt = None,
-         status: Annotated[Optional[str], typer.Option(help="only descriptors with this status")] = None,
-         banks_dir: BanksDir = Path("banks")):
+def show(
+    file: Annotated[Path | None, typer.Argument(help="bank (default: latest)")] = None,
+    concept: ConceptOpt = None,
+    status: Annotated[str | None, typer.Option(help="only descriptors with this status")] = None,
+    banks_dir: BanksDir = Path("banks"),
+):
     """Summarise a bank; with --concept list its descriptors."""
     doc = _base(file, banks_dir)
     b = doc.bank
@@ -375,5 +457,7 @@ def version_callback(value: bool):
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True)] = False):
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True)] = False,
+):
     """descgen: LLM-generated, schema-validated, versioned banks of spurious descriptors."""

@@ -1,13 +1,13 @@
 """In-memory edits of a BankDoc that the commands share: add generated items, pick items by pattern.
 
-    from descgen.edits import select; ids = select(doc, ["background.*"], match=None)
+from descgen.edits import select; ids = select(doc, ["background.*"], match=None)
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from descgen.bank import BankDoc
 from descgen.errors import DescgenError
@@ -35,8 +35,13 @@ def add_expansion(doc: BankDoc, res: ExpandResult, form: Form, gid: str) -> list
         taken.add(did)
         new.append(
             Descriptor(
-                id=did, template=make_template(cand.text, form), form=form,
-                status="proposed", source="llm", count=cand.count, provenance=gid,
+                id=did,
+                template=make_template(cand.text, form),
+                form=form,
+                status="proposed",
+                source="llm",
+                count=cand.count,
+                provenance=gid,
             )
         )
     doc.add_descriptors(res.concept, new)
@@ -52,16 +57,29 @@ def add_proposals(
         n = props.matched.get(e.name, 0) if props else 0
         sources = ["catalog", "llm"] if n else ["catalog"]
         doc.add_concept(
-            Concept(name=e.name, form=e.form, sources=sources, synonyms=e.synonyms, hint=e.hint,
-                    count=n, provenance=gid)
+            Concept(
+                name=e.name,
+                form=e.form,
+                sources=sources,
+                synonyms=e.synonyms,
+                hint=e.hint,
+                count=n,
+                provenance=gid,
+            )
         )
         added.append(e.name)
-    for word, n in (props.unmatched.most_common() if props else []):
+    for word, n in props.unmatched.most_common() if props else []:
         if n < min_count:
             continue
         doc.add_concept(
-            Concept(name=word, form="suffix", sources=["llm"], count=n, provenance=gid,
-                    flag="not in catalog: check it is a spurious concept; set form and hint")
+            Concept(
+                name=word,
+                form="suffix",
+                sources=["llm"],
+                count=n,
+                provenance=gid,
+                flag="not in catalog: check it is a spurious concept; set form and hint",
+            )
         )
         added.append(word)
     return added

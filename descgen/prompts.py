@@ -57,8 +57,7 @@ def load_prompt(name_or_path: str | Path) -> Prompt:
     except (OSError, UnicodeDecodeError) as e:
         raise DescgenError(f"{path}: cannot read prompt file ({e.__class__.__name__})") from None
     user, _, prefill = text.partition("\n" + PREFILL_MARK + "\n")
-    if prefill.endswith("\n"):
-        prefill = prefill[:-1]  # the file's final newline is not part of the prefill
+    prefill = prefill.removesuffix("\n")  # the file's final newline is not part of the prefill
     if not user.strip():
         raise DescgenError(f"{path}: prompt file has no user message")
     return Prompt(path.stem, path, hashlib.sha256(text.encode()).hexdigest(), user.strip(), prefill)

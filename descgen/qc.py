@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from descgen.schema import MAX_DESCRIPTOR_CHARS, MAX_DESCRIPTOR_WORDS, PLACEHOLDER, Form
 
@@ -32,14 +32,82 @@ PREV_REJECTED = "rejected before"
 RARE = "rare (below --min-count)"
 
 ARTICLES = {"a", "an", "the"}
-PREPOSITIONS = {"in", "on", "at", "by", "near", "under", "with", "from", "of", "to", "into", "over", "for",
-                "inside", "outside", "behind", "beside", "through", "during", "against", "among", "and", "or"}
+PREPOSITIONS = {
+    "in",
+    "on",
+    "at",
+    "by",
+    "near",
+    "under",
+    "with",
+    "from",
+    "of",
+    "to",
+    "into",
+    "over",
+    "for",
+    "inside",
+    "outside",
+    "behind",
+    "beside",
+    "through",
+    "during",
+    "against",
+    "among",
+    "and",
+    "or",
+}
 # Words that mark a sentence or chatter rather than a descriptor phrase.
 SENTENCE_WORDS = {
-    "i", "you", "we", "he", "she", "they", "me", "my", "your", "our", "their", "is", "are", "was", "were",
-    "be", "been", "am", "can", "could", "would", "should", "will", "may", "might", "must", "do", "does",
-    "this", "these", "those", "here", "which", "who", "what", "please", "example", "examples", "phrase",
-    "phrases", "list", "sure", "note", "word", "words", "descriptor", "descriptors", "describe", "etc",
+    "i",
+    "you",
+    "we",
+    "he",
+    "she",
+    "they",
+    "me",
+    "my",
+    "your",
+    "our",
+    "their",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "am",
+    "can",
+    "could",
+    "would",
+    "should",
+    "will",
+    "may",
+    "might",
+    "must",
+    "do",
+    "does",
+    "this",
+    "these",
+    "those",
+    "here",
+    "which",
+    "who",
+    "what",
+    "please",
+    "example",
+    "examples",
+    "phrase",
+    "phrases",
+    "list",
+    "sure",
+    "note",
+    "word",
+    "words",
+    "descriptor",
+    "descriptors",
+    "describe",
+    "etc",
 }
 _BULLET_RE = re.compile(r"^\s*(?:[-*•·+>]+|#+|\(?\d{1,3}\s*[.):-]|\(?[a-z][.)](?=\s))\s*")
 _PLACEHOLDER_RE = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|<[^<>]*>")
@@ -67,7 +135,7 @@ def parse_reply(text: str) -> list[str]:
             items.append(line.strip())  # a sentence: keep whole, to be rejected as one
             continue
         for part in re.split(r"[,;]|\s/\s|\s+-\s+", line):
-            part = re.sub(r"^(?:or|and|etc)\b", "", part.strip(), flags=re.I).strip()
+            part = re.sub(r"^(?:or|and|etc)\b", "", part.strip(), flags=re.IGNORECASE).strip()
             if part:
                 items.append(part)
     return items
@@ -140,7 +208,9 @@ def judge(item: str, rules: Rules) -> tuple[str, str | None]:
         return text, TOO_LONG
     if words[-1] in ARTICLES | PREPOSITIONS or words[-1].endswith("'"):
         return text, INCOMPLETE
-    if near_key(text) in rules.examples or (rules.hint_words and set(near_key(text).split()) <= rules.hint_words):
+    if near_key(text) in rules.examples or (
+        rules.hint_words and set(near_key(text).split()) <= rules.hint_words
+    ):
         return text, ECHO  # "one adjective" echoes the hint
     if len(text.replace(" ", "")) < 3:
         return text, NOT_PHRASE
@@ -231,4 +301,4 @@ class Collector:
         return rows
 
 
-__all__ = ["PLACEHOLDER", "Collector", "Candidate", "Rules", "judge", "parse_reply", "rules_for"]
+__all__ = ["PLACEHOLDER", "Candidate", "Collector", "Rules", "judge", "parse_reply", "rules_for"]

@@ -1,11 +1,11 @@
 """Interactive review of a bank: one question per item; the terminal I/O is passed in.
 
-    from descgen.review import review_items; review_items(doc, "background", "proposed", ask, print)
+from descgen.review import review_items; review_items(doc, "background", "proposed", ask, print)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from descgen.bank import BankDoc
 from descgen.errors import DescgenError
@@ -15,7 +15,9 @@ Ask = Callable[[str, list[str], str], str]
 CHOICES = ["a", "r", "e", "s", "q"]
 
 
-def review_items(doc: BankDoc, concept: str | None, status: str, ask: Ask, show: Callable[[str], None]) -> int:
+def review_items(
+    doc: BankDoc, concept: str | None, status: str, ask: Ask, show: Callable[[str], None]
+) -> int:
     """Ask about every concept and descriptor with `status`; edits `doc`; returns how many changed."""
     bank = doc.bank
     if concept is not None:
@@ -28,10 +30,14 @@ def review_items(doc: BankDoc, concept: str | None, status: str, ask: Ask, show:
     todo = []
     for c in concepts:
         if c.status == status:
-            todo.append((c.name, f"concept [bold]{c.name}[/bold] ({c.form}; {c.flag or ', '.join(c.sources)})", None))
+            todo.append(
+                (c.name, f"concept [bold]{c.name}[/bold] ({c.form}; {c.flag or ', '.join(c.sources)})", None)
+            )
         for d in c.descriptors:
             if d.status == status:
-                todo.append((d.id, f"{d.id}: [bold]{d.text}[/bold] x{d.count} → {d.apply('a photo of a dog.')}", d))
+                todo.append(
+                    (d.id, f"{d.id}: [bold]{d.text}[/bold] x{d.count} → {d.apply('a photo of a dog.')}", d)
+                )
     if not todo:
         show(f"nothing with status {status!r} to review")
         return 0
@@ -58,5 +64,5 @@ def review_items(doc: BankDoc, concept: str | None, status: str, ask: Ask, show:
             continue
         changed += 1
     doc.finish_generation(gid, stats={"changed": changed})
-    doc.bank  # an edit that broke the schema fails here, before anything is written
+    _ = doc.bank  # an edit that broke the schema fails here, before anything is written
     return changed

@@ -1,6 +1,6 @@
 """Shared helpers for the descgen tests: a queued fake LLM, a tiny bank, a tiny random Llama.
 
-    from tests.descgen_fixtures import FakeGenerator, write_bank, build_tiny_llama
+from tests.descgen_fixtures import FakeGenerator, write_bank, build_tiny_llama
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def build_tiny_llama(path: Path) -> Path:
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
         pad_token="<|im_end|>",
     )
     fast.chat_template = (
@@ -86,9 +89,16 @@ def build_tiny_llama(path: Path) -> Path:
     )
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)

@@ -1,6 +1,6 @@
 """Versioned bank files: round trip with comments, exclusive versions, racing writers, validation.
 
-    pytest tests/test_bank.py
+pytest tests/test_bank.py
 """
 
 import multiprocessing as mp
@@ -11,7 +11,6 @@ import pytest
 from descgen.bank import BankDoc, diff_banks, file_sha256, latest_bank, list_versions, load_bank
 from descgen.errors import BankError
 from descgen.schema import Descriptor
-
 from tests.descgen_fixtures import make_doc, write_bank
 
 DATA = Path(__file__).parent / "data" / "descgen"
@@ -41,14 +40,17 @@ def test_versions_are_numbered_and_never_overwritten(tmp_path):
 def test_reviewer_comments_survive_a_rewrite(tmp_path):
     p1 = write_bank(tmp_path, {"background": ["in the city", "on the grass"]})
     text = p1.read_text().replace(
-        "      - id: background.in-the-city", "      # reviewer: keep, very common\n      - id: background.in-the-city"
+        "      - id: background.in-the-city",
+        "      # reviewer: keep, very common\n      - id: background.in-the-city",
     )
     text = text.replace("template: '{caption} on the grass'", "template: '{caption} on the grass'  # short")
     p1.write_text(text)
     doc = BankDoc.load(p1).derive()
     doc.set_status("background.on-the-grass", "approved", "plain scene")
-    doc.add_descriptors("background", [Descriptor(id="background.in-the-snow", template="{caption} in the snow",
-                                                  form="suffix")])
+    doc.add_descriptors(
+        "background",
+        [Descriptor(id="background.in-the-snow", template="{caption} in the snow", form="suffix")],
+    )
     out = doc.save(tmp_path).read_text()
     assert "# reviewer: keep, very common" in out and "# short" in out
     assert load_bank(tmp_path / "v2.yaml").concept("background").descriptors[1].note == "plain scene"
@@ -86,7 +88,10 @@ def test_racing_for_one_explicit_out_fails_instead_of_clobbering(tmp_path):
     "edit, message",
     [
         (("form: suffix", "form: sideways"), r"v1.yaml:\d+: concepts.0.form"),
-        (("template: '{caption} in the city'", "template: 'in the city'"), r"v1.yaml:\d+: concepts.0.descriptors.0"),
+        (
+            ("template: '{caption} in the city'", "template: 'in the city'"),
+            r"v1.yaml:\d+: concepts.0.descriptors.0",
+        ),
         (("- name: resolution", "- name: resolution\n    colour: red"), r"v1.yaml:\d+: concepts.1.colour"),
         (("meta:", "meta: [oops"), r"v1.yaml:\d+: YAML syntax error"),
     ],
@@ -102,8 +107,10 @@ def test_diff(tmp_path):
     a = make_doc({"background": ["in the city", "on the grass"]})
     b = a.derive()
     b.set_status("background.in-the-city", "approved")
-    b.add_descriptors("background", [Descriptor(id="background.in-the-snow", template="{caption} in the snow",
-                                                form="suffix")])
+    b.add_descriptors(
+        "background",
+        [Descriptor(id="background.in-the-snow", template="{caption} in the snow", form="suffix")],
+    )
     changes = diff_banks(a.bank, b.bank)
     assert ("~", "background.in-the-city: status proposed -> approved") in changes
     assert ("+", "background.in-the-snow: '{caption} in the snow' [proposed]") in changes

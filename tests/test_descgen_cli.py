@@ -1,6 +1,6 @@
 """The descgen CLI end to end (typer CliRunner): fake LLM, a tiny random Llama, and bad input.
 
-    pytest tests/test_descgen_cli.py
+pytest tests/test_descgen_cli.py
 """
 
 import json
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import descgen.cli as cli
+from descgen import cli
 from descgen.bank import file_sha256, list_versions, load_bank
-
 from tests.descgen_fixtures import FakeGenerator, build_tiny_llama, write_bank
 
 runner = CliRunner()
@@ -63,7 +62,8 @@ def test_concepts_then_expand_then_review_cycle(fake):
     log = [json.loads(x) for x in Path("banks/v2.log.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in log} == {"reply", "rejected"}
     assert {"phrase": "next to a dog", "reason": "names a class"}.items() <= next(
-        x for x in log if x.get("phrase") == "next to a dog").items()
+        x for x in log if x.get("phrase") == "next to a dog"
+    ).items()
 
     r = run("approve", "background.in-the-*", "--note", "common")
     assert r.exit_code == 0, r.output
@@ -71,7 +71,10 @@ def test_concepts_then_expand_then_review_cycle(fake):
     assert r.exit_code == 0, r.output
     bg = load_bank("banks/v4.yaml").concept("background")
     assert {d.text: d.status for d in bg.descriptors} == {
-        "in the city": "approved", "on the grass": "rejected", "in the snow": "approved"}
+        "in the city": "approved",
+        "on the grass": "rejected",
+        "in the snow": "approved",
+    }
 
     r = run("diff", "banks/v2.yaml", "banks/v4.yaml")
     assert "background.on-the-grass: status proposed -> rejected" in r.output
@@ -87,7 +90,10 @@ def test_expand_all_and_budget_reason(fake):
     assert "budget: --max-rounds 2 used up" in r.output
     bank = load_bank("banks/v2.yaml")
     assert [d.template for d in bank.concept("resolution").descriptors] == [
-        "grainy {caption}", "blurry {caption}", "pixelated {caption}"]
+        "grainy {caption}",
+        "blurry {caption}",
+        "pixelated {caption}",
+    ]
     # The resolution reply's "in the fog" is shaped like a background descriptor, so background gets it.
     assert [d.text for d in bank.concept("background").descriptors] == ["in the fog"]
     assert [g.stop_reason for g in bank.meta.generations[-2:]] == ["budget: --max-rounds 2 used up"] * 2
@@ -108,9 +114,13 @@ def test_review_from_stdin(fake):
     assert r.exit_code == 0, r.output
     bg = load_bank("banks/v2.yaml").concept("background")
     assert [(d.text, d.status) for d in bg.descriptors] == [
-        ("in the city", "approved"), ("on the grass", "rejected"), ("in the snow", "approved")]
+        ("in the city", "approved"),
+        ("on the grass", "rejected"),
+        ("in the snow", "approved"),
+    ]
     assert bg.descriptors[2].note == "edited from 'at home'"
     assert bg.status == "proposed"  # skipped
+
 
 def test_review_quit_without_changes_writes_nothing(fake):
     write_bank(Path("banks"), {"background": ["in the city"]})
@@ -122,7 +132,9 @@ def test_review_quit_without_changes_writes_nothing(fake):
 def test_validate_reports_file_and_line(tmp_path):
     good = write_bank(Path("banks"), {"background": ["in the city"]})
     bad = Path("bad.yaml")
-    bad.write_text(good.read_text().replace("form: suffix", "form: sideways").replace("count: 1", "count: -1"))
+    bad.write_text(
+        good.read_text().replace("form: suffix", "form: sideways").replace("count: 1", "count: -1")
+    )
     r = run("validate", good, bad)
     assert r.exit_code == 1
     lines = [x for x in r.output.splitlines() if x.startswith("bad.yaml:")]
@@ -132,9 +144,11 @@ def test_validate_reports_file_and_line(tmp_path):
 
 BAD_INPUTS = {
     "schema error": lambda: Path("banks/v1.yaml").write_text(
-        Path("banks/v1.yaml").read_text().replace("form: suffix", "form: sideways", 1)),
+        Path("banks/v1.yaml").read_text().replace("form: suffix", "form: sideways", 1)
+    ),
     "yaml syntax error": lambda: Path("banks/v1.yaml").write_text(
-        Path("banks/v1.yaml").read_text().replace("meta:", "meta: [", 1)),
+        Path("banks/v1.yaml").read_text().replace("meta:", "meta: [", 1)
+    ),
 }
 
 
@@ -144,8 +158,16 @@ BAD_INPUTS = {
         ("schema error", ["expand", "--concept", "background"], r"v1.yaml:\d+: concepts.0.form"),
         ("yaml syntax error", ["approve", "background.*"], r"v1.yaml:\d+: YAML syntax error"),
         (None, ["expand", "--concept", "colour"], "unknown concept 'colour'"),
-        (None, ["expand", "--concept", "background", "--model", "./no/such/model"], "model path ./no/such/model"),
-        (None, ["expand", "--concept", "background", "--bank", "banks/v7.yaml"], "banks/v7.yaml: no such bank"),
+        (
+            None,
+            ["expand", "--concept", "background", "--model", "./no/such/model"],
+            "model path ./no/such/model",
+        ),
+        (
+            None,
+            ["expand", "--concept", "background", "--bank", "banks/v7.yaml"],
+            "banks/v7.yaml: no such bank",
+        ),
         (None, ["concepts", "--samples", "0", "--banks-dir", "afile/banks"], "afile/banks: cannot create"),
         (None, ["approve", "background", "--out", "afile/v2.yaml"], "afile: not a directory"),
         (None, ["approve", "nothing-like-this"], "nothing matched"),
@@ -193,8 +215,25 @@ def test_tiny_random_llama_full_path(tmp_path):
     assert bank.meta.generations[0].model.id == str(model)
     assert bank.meta.generations[0].model.weights_sha256.startswith("sha256:")
     assert len(Path("banks/v1.log.jsonl").read_text().splitlines()) >= 3
-    r = run("expand", "--concept", "background", "--model", model, "--n", "5", "--max-rounds", "2",
-            "--batch-size", "4", "--max-new-tokens", "12", "--threads", "1", "--seed", "1")
+    r = run(
+        "expand",
+        "--concept",
+        "background",
+        "--model",
+        model,
+        "--n",
+        "5",
+        "--max-rounds",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--threads",
+        "1",
+        "--seed",
+        "1",
+    )
     # Random weights babble: the command must end cleanly either way, and say why it stopped.
     assert "background: budget: --max-rounds 2 used up" in r.output or "target reached" in r.output
     if r.exit_code == 1:

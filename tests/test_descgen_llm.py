@@ -1,6 +1,6 @@
 """Model resolution and one run of the real embedded SmolLM2-135M (slow).
 
-    pytest tests/test_descgen_llm.py
+pytest tests/test_descgen_llm.py
 """
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import descgen.cli as cli
+from descgen import cli
 from descgen.bank import load_bank
 from descgen.errors import GenerationError
 from descgen.llm import EMBEDDED_GGUF, default_threads, resolve_model
@@ -54,8 +54,24 @@ def test_real_embedded_model_expands_background(tmp_path, monkeypatch):
     runner = CliRunner()
     r = runner.invoke(cli.app, ["concepts", "--samples", "0"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli.app, ["expand", "--concept", "background", "--n", "5", "--batch-size", "8",
-                                "--max-new-tokens", "32", "--max-rounds", "3", "--seed", "0"])
+    r = runner.invoke(
+        cli.app,
+        [
+            "expand",
+            "--concept",
+            "background",
+            "--n",
+            "5",
+            "--batch-size",
+            "8",
+            "--max-new-tokens",
+            "32",
+            "--max-rounds",
+            "3",
+            "--seed",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     bank = load_bank(Path("banks/v2.yaml"))
     bg = bank.concept("background")

@@ -17,7 +17,10 @@ RES = rules_for("resolution", "prefix", CAT.get("resolution"), CAT.classes, [e.n
         ("- in the city\n- on the grass", ["in the city", "on the grass"]),
         ("1. in the city\n2) on the grass\n3 - at night", ["in the city", "on the grass", "at night"]),
         ("* **in the snow**\n• on the sand", ["in the snow**", "on the sand"]),
-        ("- in the mountains, on the beach, or in the desert", ["in the mountains", "on the beach", "in the desert"]),
+        (
+            "- in the mountains, on the beach, or in the desert",
+            ["in the mountains", "on the beach", "in the desert"],
+        ),
         ("- in the mountains (the mountains)", ["in the mountains"]),
         ("- in the mountains: The phrase is a common idiom that people use.", ["in the mountains"]),
         ("\n\n-  \n- in a park\n", ["in a park"]),
@@ -33,7 +36,11 @@ def test_parse_reply(reply, items):
 
 @pytest.mark.parametrize(
     "raw, norm",
-    [("  In the City. ", "in the city"), ('"on the beach"', "on the beach"), ("**in the snow**", "in the snow")],
+    [
+        ("  In the City. ", "in the city"),
+        ('"on the beach"', "on the beach"),
+        ("**in the snow**", "in the snow"),
+    ],
 )
 def test_normalize(raw, norm):
     assert normalize(raw) == norm
@@ -92,7 +99,10 @@ def test_collector_knows_the_bank():
     c = Collector(BG, existing={"in city": "approved", "on grass": "rejected"})
     c.add_reply("- in a city\n- on the grass\n- in the snow")
     assert [x.text for x in c.accepted()] == ["in the snow"]
-    assert {x.text: x.reason for x in c.rejected()} == {"in a city": qc.IN_BANK, "on the grass": qc.PREV_REJECTED}
+    assert {x.text: x.reason for x in c.rejected()} == {
+        "in a city": qc.IN_BANK,
+        "on the grass": qc.PREV_REJECTED,
+    }
 
 
 def test_min_count_frequency_filter():

@@ -4,7 +4,6 @@ import pytest
 from pydantic import ValidationError
 
 from descgen.schema import Bank, Concept, Descriptor, inject, make_template
-
 from tests.descgen_fixtures import make_doc
 
 
@@ -46,10 +45,14 @@ def test_unknown_key_and_bad_status_rejected():
 
 
 def test_duplicate_templates_in_a_concept():
-    d = dict(template="{caption} in the snow", form="suffix")
+    d = {"template": "{caption} in the snow", "form": "suffix"}
     with pytest.raises(ValidationError, match="share the template"):
-        Concept(name="weather", form="suffix", sources=["llm"],
-                descriptors=[Descriptor(id="w.a", **d), Descriptor(id="w.b", **d)])
+        Concept(
+            name="weather",
+            form="suffix",
+            sources=["llm"],
+            descriptors=[Descriptor(id="w.a", **d), Descriptor(id="w.b", **d)],
+        )
 
 
 def test_approved_skips_rejected_concepts_and_hash_tracks_content():
