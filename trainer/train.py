@@ -573,7 +573,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if epoch_done and (((epoch + 1) % cfg.eval_every == 0) or step == total):
             results = evaluate()
             log.write({"kind": "epoch", "step": step, "epoch": epoch + 1, **_flat(results)})
-            progress.note(_summary(results))
+            progress.note(f"epoch {epoch + 1} step {step}: {_summary(results)}")
             val_name = inputs.val.name if inputs.val else None
             if val_name is not None and (
                 best["val_top1"] is None or results[val_name]["top1"] > best["val_top1"]
