@@ -211,3 +211,21 @@ def test_fine_tuning_learns_the_task(tiny_config, method, lr):
     run = train(build_config(tiny_config, overrides + ["log_every=12"]))
     m = json.loads((run / "metrics.json").read_text())
     assert m["final"]["val"]["top1"] >= 50, m["final"]["val"]
+
+
+def test_pretrained_from_local_safetensors_and_pt(tiny_config, tmp_path):
+    """A run's checkpoint (open_clip state dict) loads as `pretrained:`, as .safetensors and as a .pt file."""
+    run = train(build_config(tiny_config, ["method=flyp", "name=src", "total_steps=2"]))
+    ckpt = run / "checkpoints" / "last.safetensors"
+    pt = tmp_path / "weights.pt"
+    torch.save(load_file(str(ckpt)), pt)
+    expected = json.loads((run / "metrics.json").read_text())["final"]
+    for i, weights in enumerate((ckpt, pt)):
+        zs = train(build_config(tiny_config, ["method=zeroshot", f"name=load{i}", f"pretrained={weights}"]))
+        assert json.loads((zs / "metrics.json").read_text())["final"] == expected
+    with pytest.raises(ConfigError, match="no such weights file"):
+        train(
+            build_config(
+                tiny_config, ["method=zeroshot", "name=x", f"pretrained={tmp_path / 'none.safetensors'}"]
+            )
+        )
