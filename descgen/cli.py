@@ -304,11 +304,11 @@ def _report(name, res, seconds, show_rejected):
 # --- reviewing ------------------------------------------------------------------------------
 
 
-def _set_status(status, ids, match, concept, note, banks_dir, bank, out_path):
+def _set_status(status, ids, match, concept, only, note, banks_dir, bank, out_path):
     from descgen.edits import select
 
     doc = _base(bank, banks_dir)
-    chosen = select(doc, ids or [], match, concept)
+    chosen = select(doc, ids or [], match, concept, only)
     if not chosen:
         raise DescgenError("nothing matched; see `descgen show` for ids")
     _check_dest(banks_dir, out_path)
@@ -324,6 +324,7 @@ def _set_status(status, ids, match, concept, note, banks_dir, bank, out_path):
 IdsArg = Annotated[list[str] | None, typer.Argument(help="ids or glob patterns, e.g. 'background.*'")]
 MatchOpt = Annotated[str | None, typer.Option("--match", help="regex over descriptor text")]
 ConceptOpt = Annotated[str | None, typer.Option("--concept", help="only this concept")]
+OnlyOpt = Annotated[str | None, typer.Option("--status", help="only items that now have this status")]
 
 
 @app.command()
@@ -332,13 +333,14 @@ def approve(
     ids: IdsArg = None,
     match: MatchOpt = None,
     concept: ConceptOpt = None,
+    only: OnlyOpt = None,
     note: NoteOpt = None,
     banks_dir: BanksDir = Path("banks"),
     bank: BankOpt = None,
     out_path: OutOpt = None,
 ):
     """Approve concepts/descriptors by id, glob or --match; writes a new version."""
-    _set_status("approved", ids, match, concept, note, banks_dir, bank, out_path)
+    _set_status("approved", ids, match, concept, only, note, banks_dir, bank, out_path)
 
 
 @app.command()
@@ -347,13 +349,14 @@ def reject(
     ids: IdsArg = None,
     match: MatchOpt = None,
     concept: ConceptOpt = None,
+    only: OnlyOpt = None,
     note: NoteOpt = None,
     banks_dir: BanksDir = Path("banks"),
     bank: BankOpt = None,
     out_path: OutOpt = None,
 ):
     """Reject concepts/descriptors by id, glob or --match; writes a new version."""
-    _set_status("rejected", ids, match, concept, note, banks_dir, bank, out_path)
+    _set_status("rejected", ids, match, concept, only, note, banks_dir, bank, out_path)
 
 
 @app.command()

@@ -97,6 +97,8 @@ def expand_concept(
     rng = random.Random(seed)
     collector = Collector(rules, existing, min_count)
     replies: list[dict] = []
+    # A concept expanded again from the same --seed must not replay the samples it already has.
+    seed_base = seed + 7919 * len(existing or {})
     start, tokens0, rnd = clock(), gen.tokens, 0
     while True:
         rnd += 1
@@ -112,7 +114,7 @@ def expand_concept(
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            seed=seed + rnd,
+            seed=seed_base + rnd,
         )
         for prefill, out in zip(prefills, outs):
             replies.append({"round": rnd, "reply": out})

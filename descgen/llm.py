@@ -241,6 +241,8 @@ def load_generator(
     src = resolve_model(spec, allow_download)  # before importing torch: bad paths fail fast
     # Idle OpenMP threads should sleep, not spin: the machine may be shared (read at torch import).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The GGUF converter's tqdm bar ignores transformers' switch; tqdm reads this at import.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
     torch.set_num_threads(threads or default_threads())
@@ -291,7 +293,6 @@ def _load_gguf(src: ModelSource, digest: str, dtype: Any, kw: dict[str, Any], lo
             AutoTokenizer.from_pretrained(target, **kw),
         )
     log(f"converting {src.gguf_file} to safetensors (once; cached in {target})")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's progress bar ignores transformers' switch
     try:
         # Convert in float32 so the cached copy serves every device; the caller casts.
         model = AutoModelForCausalLM.from_pretrained(

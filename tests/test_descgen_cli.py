@@ -69,6 +69,8 @@ def test_concepts_then_expand_then_review_cycle(fake):
     assert r.exit_code == 0, r.output
     r = run("reject", "--match", "grass$")
     assert r.exit_code == 0, r.output
+    r = run("reject", "background.*", "--status", "proposed")  # the approved ones stay approved
+    assert r.exit_code == 1 and "nothing matched" in r.stderr
     bg = load_bank("banks/v4.yaml").concept("background")
     assert {d.text: d.status for d in bg.descriptors} == {
         "in the city": "approved",
