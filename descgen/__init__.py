@@ -7,7 +7,7 @@ Importing descgen pulls in neither torch nor transformers; descgen.llm loads the
 
 __version__ = "0.1.0"
 
-from descgen.bank import load_bank  # noqa: E402
-from descgen.schema import Bank, Concept, Descriptor  # noqa: E402
+from descgen.bank import load_bank
+from descgen.schema import Bank, Concept, Descriptor
 
-__all__ = ["Bank", "Concept", "Descriptor", "load_bank", "__version__"]
+__all__ = ["Bank", "Concept", "Descriptor", "__version__", "load_bank"]

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
@@ -37,7 +38,7 @@ trainer uses only approved descriptors of approved or proposed concepts.
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _yaml() -> YAML:
@@ -185,7 +186,7 @@ class BankDoc:
     @classmethod
     def load(cls, path: str | Path) -> BankDoc:
         doc = cls(read_doc(path), Path(path))
-        doc.bank  # validate now: never build on an invalid base
+        _ = doc.bank  # validate now: never build on an invalid base
         return doc
 
     @classmethod
