@@ -207,6 +207,9 @@ def expand(
     max_rounds: Annotated[int, typer.Option(min=1, help="budget: batches per concept")] = 20,
     max_seconds: Annotated[float, typer.Option(min=0, help="budget: sampling seconds per concept")] = 120.0,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="budget: new tokens per concept")] = None,
+    bootstrap: Annotated[
+        bool, typer.Option(help="after round 1, show accepted phrases as the few-shot examples")
+    ] = True,
     show_rejected: Annotated[bool, typer.Option(help="list every rejected phrase with its reason")] = False,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
@@ -233,7 +236,7 @@ def expand(
         raise DescgenError(f"unknown concept {e.args[0]!r} in {base.path} (known: {known})") from None
     _check_dest(banks_dir, out_path)
     gen = _generator(model, threads, allow_download, trust_remote_code)
-    sampling = Sampling(batch_size, max_new_tokens, temperature, top_p)
+    sampling = Sampling(batch_size, max_new_tokens, temperature, top_p, bootstrap)
     budget = Budget(max_rounds, max_seconds or None, max_tokens)
     extra = [w.strip().lower() for w in (classes or "").split(",") if w.strip()]
     doc, log, added = base.derive(), [], 0

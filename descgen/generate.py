@@ -28,6 +28,7 @@ class Sampling:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 0.9
+    bootstrap: bool = True  # after round 1, few-shot examples come from the accepted phrases
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -102,10 +103,16 @@ def expand_concept(
     start, tokens0, rnd = clock(), gen.tokens, 0
     while True:
         rnd += 1
-        # Each round lists the few-shot examples in another order: cheap diversity. All rows of a
-        # round share one prompt, so the generator can compute its KV cache once.
-        order = rng.sample(examples, len(examples))
-        variables = descriptor_vars(concept, hint or (entry.hint if entry else None), order, rules.max_words)
+        # Round 1 shows the catalog's examples. Later rounds show three phrases the model itself
+        # proposed and we accepted: fresh examples pull new phrases out of a small model, and a
+        # catalog example it then writes unprompted is no longer an echo. All rows of a round share
+        # one prompt, so the generator can compute its KV cache once.
+        pool = [c.text for c in collector.accepted()[:12]]
+        if sampling.bootstrap and rnd > 1 and len(pool) >= 3:
+            shown = rng.sample(pool, 3)
+        else:
+            shown = rng.sample(examples, len(examples))
+        variables = descriptor_vars(concept, hint or (entry.hint if entry else None), shown, rules.max_words)
         messages, prefill = prompt.render(**variables)
         prefills = [prefill.lstrip("\n")] * sampling.batch_size
         outs = gen.generate(
@@ -119,7 +126,7 @@ def expand_concept(
         for prefill, out in zip(prefills, outs):
             replies.append({"round": rnd, "reply": out})
             # Parse only the started last line plus the reply: the examples above it are ours.
-            collector.add_reply(prefill.rsplit("\n", 1)[-1] + out, rnd)
+            collector.add_reply(prefill.rsplit("\n", 1)[-1] + out, rnd, shown)
         accepted = collector.accepted()
         on_round(rnd, len(accepted))
         elapsed, tokens = clock() - start, gen.tokens - tokens0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from descgen.schema import MAX_DESCRIPTOR_CHARS, MAX_DESCRIPTOR_WORDS, PLACEHOLDER, Form
 
@@ -253,9 +253,14 @@ class Collector:
         self.candidates: dict[str, Candidate] = {}
         self.occurrences: Counter[str] = Counter()  # reason -> how many parsed items got it
 
-    def add_reply(self, reply: str, round_no: int = 0) -> None:
+    def add_reply(self, reply: str, round_no: int = 0, shown: Iterable[str] | None = None) -> None:
+        """Judge every item of a reply; `shown` are the examples its prompt showed (default: the rules')."""
+        rules = self.rules if shown is None else replace(self.rules, examples=frozenset(map(near_key, shown)))
         for item in parse_reply(reply):
-            text, reason = judge(item, self.rules)
+            text, reason = judge(item, rules)
+            if reason == ECHO and near_key(text) in self.candidates:
+                self.occurrences[ECHO] += 1  # repeats an accepted phrase we showed it: no new evidence
+                continue
             key = near_key(text) if reason is None else f"{reason}\x00{text}"
             if reason is None and key in self.existing:
                 reason = PREV_REJECTED if self.existing[key] == "rejected" else IN_BANK

@@ -118,3 +118,11 @@ def test_accepted_most_frequent_first():
     c = Collector(BG)
     c.add_reply("- on the grass\n- in the city\n- in the city")
     assert [x.text for x in c.accepted()] == ["in the city", "on the grass"]
+
+
+def test_echo_is_relative_to_what_the_prompt_showed():
+    c = Collector(BG)
+    c.add_reply("- in the city\n- on the beach", 1)  # catalog examples shown: the beach is an echo
+    c.add_reply("- on the beach\n- in the city", 2, shown=["in the city", "at home", "in a park"])
+    assert {x.text: x.count for x in c.accepted()} == {"in the city": 1, "on the beach": 1}
+    assert c.occurrences[qc.ECHO] == 2
