@@ -188,7 +188,7 @@ def expand(
     concept: Annotated[
         list[str] | None, typer.Option("--concept", help="concept to expand (repeatable)")
     ] = None,
-    all_: Annotated[bool, typer.Option("--all", help="expand every concept that is not rejected")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="expand every approved or catalog concept")] = False,
     n: Annotated[
         int, typer.Option("--n", min=1, help="distinct accepted descriptors wanted per concept")
     ] = 50,
@@ -228,9 +228,7 @@ def expand(
     cat, tmpl = load_catalog(catalog), load_prompt(prompt or "descriptors")
     b = base.bank
     try:
-        chosen = (
-            [b.concept(c) for c in concept] if concept else [c for c in b.concepts if c.status != "rejected"]
-        )
+        chosen = [b.concept(c) for c in concept] if concept else [c for c in b.concepts if _expandable(c)]
     except KeyError as e:
         known = ", ".join(c.name for c in b.concepts) or "none"
         raise DescgenError(f"unknown concept {e.args[0]!r} in {base.path} (known: {known})") from None
@@ -289,6 +287,11 @@ def expand(
             "no descriptor was accepted within the budget; nothing written (see --show-rejected)"
         )
     _save(doc, banks_dir, out_path, log)
+
+
+def _expandable(c) -> bool:
+    """--all takes catalog concepts and approved ones; an uncatalogued LLM proposal needs approval first."""
+    return c.status == "approved" or (c.status == "proposed" and "catalog" in c.sources)
 
 
 def _report(name, res, seconds, show_rejected):

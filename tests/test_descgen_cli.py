@@ -241,3 +241,13 @@ def test_tiny_random_llama_full_path(tmp_path):
     if r.exit_code == 1:
         assert r.stderr.splitlines()[-1].startswith("Error: no descriptor was accepted")
         assert len(list_versions("banks")) == 1
+
+
+def test_expand_all_skips_unapproved_uncatalogued_concepts(fake):
+    fake.replies = [" colour\n- colour"]
+    assert run("concepts", "--samples", "2").exit_code == 0
+    fake.replies = [BG_REPLY]
+    r = run("expand", "--all", "--n", "1", "--batch-size", "1")
+    assert r.exit_code == 0, r.output
+    commands = [g.command for g in load_bank("banks/v2.yaml").meta.generations]
+    assert "expand background" in commands and "expand colour" not in commands
