@@ -88,7 +88,7 @@ class WorldConfig(BaseModel):
         0.95, ge=0, le=1, description="P(typical background) in task-A fine-tune and ID data"
     )
     pretrain_bias_b: float = Field(
-        0.85, ge=0, le=1, description="P(typical background) of task B in pretraining"
+        0.6, ge=0, le=1, description="P(typical background) of task B in pretraining"
     )
     pretrain_bias_a: float | None = Field(None, description="same for task A in pretraining; None = uniform")
     a_name_prob: float = Field(
