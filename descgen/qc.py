@@ -108,11 +108,19 @@ SENTENCE_WORDS = {
     "descriptors",
     "describe",
     "etc",
+    "adjective",
+    "adjectives",
+    "answer",
+    "answers",
+    "character",
+    "characters",
+    "sentence",
+    "tense",
 }
 _BULLET_RE = re.compile(r"^\s*(?:[-*•·+>]+|#+|\(?\d{1,3}\s*[.):-]|\(?[a-z][.)](?=\s))\s*")
 _PLACEHOLDER_RE = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|<[^<>]*>")
 _CAPTION_NAMES = {"caption", "class", "classname", "class name", "label", "object", "subject"}
-_PHRASE_RE = re.compile(r"^[a-z0-9][a-z0-9' -]*$")
+_PHRASE_RE = re.compile(r"^[a-z][a-z' -]*$")  # no digits: "just 23", "255 characters" are chatter
 _QUOTES = "\"'`“”‘’*_"
 
 

@@ -71,6 +71,8 @@ def test_near_key_ignores_articles_case_punctuation():
         ("On the beach.", BG, qc.ECHO),
         ("one adjective", RES, qc.ECHO),
         ("ex", RES, qc.NOT_PHRASE),
+        ("possible answers", RES, qc.NOT_PHRASE),
+        ("255 characters", RES, qc.NOT_PHRASE),
         ("next to a dog", BG, qc.NAMES_CLASS),
         ("in the background", BG, qc.NAMES_CONCEPT),
         ("with low resolution", BG, qc.NAMES_CONCEPT),
