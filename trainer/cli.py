@@ -48,6 +48,9 @@ def run(
         list[str] | None,
         typer.Option("--set", help="override key=value (dotted keys, YAML values); repeatable"),
     ] = None,
+    discovered: Annotated[
+        str | None, typer.Option(help="ravl: discovery report JSON (from `trainer discover`)")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="run directory name under runs_dir")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run in its existing directory")
@@ -63,7 +66,14 @@ def run(
         from trainer.train import train
 
         cfg = load_config(
-            config, set_, bank=bank, method=method, name=name, max_steps=max_steps, threads=threads
+            config,
+            set_,
+            bank=bank,
+            method=method,
+            discovered=discovered,
+            name=name,
+            max_steps=max_steps,
+            threads=threads,
         )
         run_dir = train(cfg, resume=resume)
     except _user_errors() as e:
@@ -92,6 +102,64 @@ def wise(
     except _user_errors() as e:
         _fail(str(e))
     out.print(str(path), markup=False, highlight=False)
+
+
+@app.command()
+def discover(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    data: Annotated[Path, typer.Option(help="labelled evaluation CSV (path,label[,...])")],
+    classes: Annotated[
+        Path | None, typer.Option(help="class-names file; default: the run's training classes")
+    ] = None,
+    grid: Annotated[str, typer.Option(help="equal grid of regions, ROWSxCOLS")] = "2x2",
+    boxes: Annotated[
+        Path | None, typer.Option(help="regions from a CSV path,x0,y0,x1,y1 (instead of --grid)")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="crop | roi")] = "crop",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder; default RUN/discover")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto (best, else last) | best | last")] = "auto",
+    to_bank: Annotated[
+        Path | None,
+        typer.Option("--to-bank", help="bank to derive a new version from (proposed descriptors)"),
+    ] = None,
+    candidates: Annotated[
+        Path | None, typer.Option(help="naming candidates, one phrase a line (with --to-bank)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
+) -> None:
+    """RaVL discovery with a run's checkpoint: tables, report.json and features.png; prints the report path."""
+    if mode not in ("crop", "roi"):
+        raise typer.BadParameter("must be crop or roi", param_hint="--mode")
+    if checkpoint not in ("auto", "best", "last"):
+        raise typer.BadParameter("must be auto, best or last", param_hint="--checkpoint")
+    if candidates is not None and to_bank is None:
+        raise typer.BadParameter("needs --to-bank", param_hint="--candidates")
+    try:
+        import torch
+
+        from trainer.ravl_method import discover_run
+
+        if threads:
+            torch.set_num_threads(threads)
+        res = discover_run(
+            run_dir,
+            data,
+            classes,
+            grid,
+            boxes,
+            mode,
+            out_dir,
+            checkpoint,
+            to_bank,
+            candidates,
+            console=err,  # type: ignore[arg-type]
+        )
+    except _user_errors() as e:
+        _fail(str(e))
+    err.print(f"contact sheet: {res['sheet']}", highlight=False)
+    if res["bank"] is not None:
+        err.print(f"bank: {res['bank']}", highlight=False)
+    out.print(str(res["report_path"]), markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ class TrainConfig(_Strict):
     positives: Literal["index", "label"] = Field(
         "index", description="contrastive targets: arange (open_clip) or every same-label sample (soft)"
     )
+    discovered: str | None = Field(
+        None, description="ravl: discovery report JSON (`trainer discover`); its top feature is mitigated"
+    )
     method_options: dict[str, Any] = Field(
         default_factory=dict, description="extra options of plug-in methods"
     )
@@ -127,6 +130,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"method {self.method} needs data.train")
         if self.method in ("starft", "kl") and self.spurious == "bank" and not self.bank:
             raise ValueError(f"method {self.method} with spurious: bank needs a bank (--bank)")
+        if self.method == "ravl" and not self.discovered:
+            raise ValueError("method ravl needs a discovery report (--discovered REPORT.json)")
         if "{c}" not in self.caption:
             raise ValueError(f"caption {self.caption!r} must contain {{c}}")
         return self

@@ -259,8 +259,15 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         caption: str | None = None,
         spurious: SpuriousCaptions | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
     ):
         self.set, self.transform, self.caption, self.spurious = image_set, transform, caption, spurious
+        self.extras = extras or {}  # per-sample tensors (N, ...), e.g. a method's region masks
+        for key, value in self.extras.items():
+            if len(value) != len(image_set):
+                raise DataError(
+                    f"{image_set.name}: extra {key!r} has {len(value)} rows for {len(image_set)} samples"
+                )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,6 +284,8 @@ class ImageDataset(Dataset):
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read image ({e.__class__.__name__})") from None
         item: dict[str, Any] = {"image": image, "label": self.set.labels[i], "index": i}
+        for key, value in self.extras.items():
+            item[key] = value[i]
         if self.caption is not None:
             text = _format(self.caption, self.set.classes[self.set.labels[i]])
             item["caption"] = text
@@ -300,6 +309,9 @@ class Collate:
         for key in ("caption", "spurious"):
             if key in items[0] and self.tokenizer is not None:
                 out[key] = self.tokenizer([it[key] for it in items])
+        for key, value in items[0].items():  # per-sample extras (tensors) are stacked
+            if key not in out and isinstance(value, torch.Tensor):
+                out[key] = torch.stack([it[key] for it in items])
         return out
 
 

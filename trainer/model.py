@@ -88,8 +88,25 @@ class FineTuner(nn.Module):
                 self.head.weight.copy_(head)
                 self.head.bias.zero_()
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor | None = None) -> dict[str, Any]:
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor | None = None,
+        rois: torch.Tensor | None = None,
+        region_mode: str = "crop",
+    ) -> dict[str, Any]:
+        """rois: boxes of regions of `image` (see `trainer.ravl.region_embeddings`) -> out["regions"],
+        embedded in the same forward so DDP syncs their gradients (RaVL)."""
         out: dict[str, Any] = {"image": self.clip.encode_image(image, normalize=True)}
+        if rois is not None:
+            from trainer.ravl import region_embeddings
+
+            out["regions"], out["region_image"] = region_embeddings(
+                self.clip,
+                image,
+                boxes=rois,
+                mode=region_mode,  # type: ignore[arg-type]
+            )
         if self.head is not None:
             # The zero-shot head scores normalised features at the model's scale; keep that parameterisation.
             out["logits"] = self.clip.logit_scale.exp().detach() * self.head(out["image"])

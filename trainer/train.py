@@ -60,16 +60,29 @@ class StepContext:
     epoch: int = 0
     model: Any = None  # the prepared (DDP-wrapped) model: call it, not its parts, for DDP-correct grads
     accelerator: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # what the method's `setup` returned
+    extras: dict[str, Any] = field(default_factory=dict)  # extras["log"]: more named terms to log
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A method: its objective plus optional hooks (all default to plain L = L_C + λ·reg).
+
+    setup(cfg, train_set, clip, preprocess, tokenizer) -> state: runs once before training (e.g. labels
+    regions of the training set); state["sample_extras"] maps a batch key to a (N, ...) tensor indexed by
+    sample. forward_kwargs(batch, state) -> extra arguments of the model's forward (one forward per step,
+    so DDP sees every use). combine(ctx, L_C, reg, λ) -> loss.
+    """
+
     name: str
     objective: Literal["contrastive", "ce", "none"]
     needs_spurious: bool = False
     needs_teacher: bool = False
     reg_term: Callable[[StepContext], torch.Tensor] | None = None
+    freeze_text: bool = False  # train the image tower only (and keep the logit scale)
+    setup: Callable[..., dict[str, Any]] | None = None
+    forward_kwargs: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, Any]] | None = None
+    combine: Callable[[StepContext, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
 
 def _star_term(ctx: StepContext) -> torch.Tensor:
@@ -107,20 +120,24 @@ for _spec in (
     register_method(_spec)
 
 
+PLUGIN_MODULES = {"ravl": "ravl_method"}  # method name -> trainer module that registers it
+
+
 def get_method(name: str) -> MethodSpec:
-    """The registered method; plug-ins (trainer/ravl.py) register themselves on import."""
+    """The registered method; plug-ins (trainer/ravl_method.py) register themselves on import."""
     if name not in METHODS:
+        module = PLUGIN_MODULES.get(name, name)
         try:
-            importlib.import_module(f"trainer.{name}")
+            importlib.import_module(f"trainer.{module}")
         except ModuleNotFoundError as e:
-            if e.name != f"trainer.{name}":
+            if e.name != f"trainer.{module}":
                 raise
             raise ConfigError(
-                f"method {name!r} is not available yet (trainer/{name}.py is missing)"
+                f"method {name!r} is not available yet (trainer/{module}.py is missing)"
             ) from None
         if name not in METHODS:
             raise ConfigError(
-                f"method {name!r} is not available yet (trainer/{name}.py does not call trainer.train.register_method)"
+                f"method {name!r} is not available yet (trainer/{module}.py does not call trainer.train.register_method)"
             )
     return METHODS[name]
 
@@ -284,8 +301,10 @@ def compute_losses(
     lam: float,
     step: int = 0,
     epoch: int = 0,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One micro-batch's loss terms over the global batch: contrastive_loss, reg_loss, loss."""
+    """One micro-batch's loss terms over the global batch: contrastive_loss, reg_loss, loss (+ the
+    method's extra logged terms)."""
     if method.objective == "ce":
         out = model(batch["image"])
         ce = F.cross_entropy(out["logits"].float(), batch["label"])
@@ -293,7 +312,8 @@ def compute_losses(
         return {"contrastive_loss": ce, "reg_loss": zero, "loss": ce}
     n = batch["caption"].shape[0]
     text = torch.cat([batch["caption"], batch["spurious"]]) if method.needs_spurious else batch["caption"]
-    out = model(batch["image"], text)
+    kwargs = method.forward_kwargs(batch, state or {}) if method.forward_kwargs else {}
+    out = model(batch["image"], text, **kwargs)
     image, caption = out["image"], out["text"][:n]
     g_image, g_caption = _gather_with_grad(accelerator, image, caption)
     labels = accelerator.gather(batch["label"]) if accelerator.num_processes > 1 else batch["label"]
@@ -311,6 +331,7 @@ def compute_losses(
             epoch=epoch,
             model=model,
             accelerator=accelerator,
+            state=state or {},
         )
         if method.needs_spurious:
             (ctx.spurious,) = _gather_with_grad(accelerator, out["text"][n:])
@@ -322,7 +343,8 @@ def compute_losses(
             ctx.teacher_image, ctx.teacher_spurious = t_image, t_spurious
         reg = method.reg_term(ctx)
         terms["reg_loss"] = reg
-        terms["loss"] = lc + lam * reg
+        terms["loss"] = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
+        terms.update(ctx.extras.get("log", {}))
     else:
         terms["reg_loss"] = lc.detach() * 0
         terms["loss"] = lc
@@ -422,16 +444,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     set_seed(cfg.seed)  # the same seed before build_clip as `trainer wise` uses, so random inits agree
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
     teacher_model = make_teacher(clip) if method.needs_teacher else None
+    # before training, with the initial model (RaVL labels the regions of every training image here)
+    state = method.setup(cfg, inputs.train, clip, preprocess, tokenizer) if method.setup else {}
     teacher_scale = float(clip.logit_scale.exp().item())
     kl_scale = cfg.kl_scale or teacher_scale
 
     head = None
     if method.objective == "ce":
         head = zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
-        for name, p in clip.named_parameters():  # ft trains the image tower and the head only
+    if method.objective == "ce" or method.freeze_text:
+        for name, p in clip.named_parameters():  # the image tower (and an ft head) only
             if not name.startswith("visual."):
                 p.requires_grad_(False)
-    if cfg.freeze_logit_scale or method.objective == "ce":
+    if cfg.freeze_logit_scale or method.objective == "ce" or method.freeze_text:
         clip.logit_scale.requires_grad_(False)
     model = FineTuner(clip, head)
 
@@ -455,6 +480,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "num_processes": world,
                 "mixed_precision": accelerator.mixed_precision,
                 "versions": _versions(),
+                **({"method_state": state["summary"]} if "summary" in state else {}),
             },
         )
     accelerator.wait_for_everyone()
@@ -469,7 +495,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return run_dir
 
     # --- training setup ---
-    dataset = ImageDataset(inputs.train, preprocess, cfg.caption, inputs.spurious)
+    dataset = ImageDataset(
+        inputs.train, preprocess, cfg.caption, inputs.spurious, extras=state.get("sample_extras")
+    )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
         dataset,
@@ -537,7 +565,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             lam = lam_at(step, epoch, cfg, total, epochs)
             with accelerator.accumulate(model):
                 terms = compute_losses(
-                    model, batch, method, cfg, accelerator, teacher, kl_scale, lam, step, epoch
+                    model, batch, method, cfg, accelerator, teacher, kl_scale, lam, step, epoch, state
                 )
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.grad_clip:
