@@ -107,7 +107,7 @@ class WorldConfig(BaseModel):
     sketch_fade: float = Field(
         0.6, ge=0, le=1, description="sketch background: grey scene faded towards white"
     )
-    glyph_scale: tuple[float, float] = (0.5, 0.8)  # glyph height as a fraction of the image side
+    glyph_scale: tuple[float, float] = (0.6, 0.9)  # glyph height as a fraction of the image side
     max_rotation: float = 15.0  # degrees
     eval_glyph_frac: float = 0.3  # share of each digit's handwritten samples reserved for val/test splits
     n_pretrain: int = 24000
