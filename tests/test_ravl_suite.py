@@ -1,0 +1,61 @@
+"""The RaVL controlled-evaluation suite at a tiny size (pretraining, flyp, discovery, ravl, upsampled).
+
+.venv/bin/pytest -q tests/test_ravl_suite.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from trainer.bench.ravl_suite import QuadPretrainConfig, RavlSuiteConfig, run_ravl_suite, summarize
+
+
+def test_tiny_suite_runs_and_writes_results(tmp_path):
+    cfg = RavlSuiteConfig(
+        split="val",
+        classes=(3,),
+        seeds=(0,),
+        n_train=40,
+        n_discover=30,
+        n_test=30,
+        steps=2,
+        batch_size=8,
+        warmup_steps=1,
+        pretrain=QuadPretrainConfig(n_images=64, steps=3, batch_size=16, warmup_steps=1),
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+        progress=False,
+    )
+    res = run_ravl_suite(cfg)
+    out = tmp_path / "out" / "val"
+    assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+    assert (out / "results.png").stat().st_size > 0
+    (row,) = res["settings"]
+    assert row["seed"] == 1000 and row["class"] == "three"  # val seeds are disjoint from test seeds
+    assert 0.0 <= row["p_at_10"] <= 1.0
+    for m in ("flyp", "upsampled"):
+        assert set(row["methods"][m]) >= {
+            "image_acc",
+            "image_wg",
+            "region_acc",
+            "region_wg",
+            "region_wg_crop",
+        }
+    if row["n_features"]:
+        assert row["methods"]["ravl"]["image_wg"] <= row["methods"]["ravl"]["image_acc"]
+    # cached: a second call reuses the pretraining, data and runs
+    again = run_ravl_suite(cfg)
+    assert again["settings"][0]["methods"] == row["methods"]
+
+
+def test_summary_mean_std_over_learned_settings():
+    def row(p, gap, wg):
+        m = {"image_acc": 90.0, "image_wg": wg, "region_acc": 80.0, "region_wg": 70.0}
+        m.update(region_acc_crop=50.0, region_wg_crop=40.0)
+        return {"p_at_10": p, "gap_others": gap, "learned": gap >= 5, "methods": {"flyp": m}}
+
+    s = summarize([row(1.0, 10, 60.0), row(0.8, 8, 70.0), row(0.0, 0, 99.0)], ["flyp"])
+    assert s["learned"] == 2 and s["p_at_10_learned"] == {"mean": 0.9, "std": 0.141, "n": 2}
+    assert s["mitigation_learned"]["flyp"]["image_wg"]["mean"] == 65.0
+    assert s["mitigation_all"]["flyp"]["image_wg"]["n"] == 3

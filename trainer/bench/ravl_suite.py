@@ -1,0 +1,609 @@
+"""RaVL's controlled evaluation on quadrant digits: discovery precision@10 and mitigation, offline.
+
+    from trainer.bench.ravl_suite import RavlSuiteConfig, run_ravl_suite; results = run_ravl_suite(RavlSuiteConfig())
+
+1. Pretrain (or load from cache) a small open_clip CLIP from scratch on unbiased quadrant images
+   (trainer.ravl_data) with captions "a photo of a {digit}." (", and a red rectangle" on half the images
+   that have one), so the rectangle has its own place in the embedding space.
+2. Per setting (spurious class × strength × seed): write a biased fine-tuning set, fine-tune with `flyp`
+   (trainer.train), discover on an unbiased set of held-out digits (2×2 grid, trainer.discover), score
+   precision@10 of the top feature, and measure whether the model learned the correlation (accuracy gap of
+   the other classes' images with vs without the rectangle).
+3. Mitigation on the same settings: `ravl` (with the report) vs `flyp` vs flyp on a set upsampled so that
+   every group inferred from discovery (class × image has a region in the top feature) has equal size.
+   Image worst-group / overall accuracy over class × rectangle, and region worst-group (zero-shot
+   classification of the digit quadrant, same groups), on an unbiased test set.
+
+`split="val"` uses its own seeds and evaluation images (for tuning); `split="test"` is what is reported.
+Writes `results.json`, `results.png` and the runs under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.ravl_data import CLASSNAMES, quadrant_samples
+
+SUITE_VERSION = 1
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default normalisation (its preprocess uses it)
+STD = (0.26862954, 0.26130258, 0.27577711)
+CAPTION = "a photo of a {c}."
+METRICS = ("image_acc", "image_wg", "region_acc", "region_wg", "region_acc_crop", "region_wg_crop")
+RECT_SUFFIX = " and a red rectangle"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuadPretrainConfig(_Frozen):
+    """The zero-shot model: a tiny open_clip CLIP trained from scratch on unbiased quadrant images."""
+
+    n_images: int = 6000
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    logit_scale: float = 50.0  # fixed during pretraining
+    rect_caption_prob: float = 0.5  # rectangle images whose caption mentions it
+    embed_dim: int = 64
+    vision_width: int = 8  # ModifiedResNet stem width
+    text_width: int = 64
+    text_layers: int = 2
+    context_length: int = 16
+    seed: int = 0
+
+    def hash(self) -> str:
+        blob = json.dumps({"v": SUITE_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def model_config(cfg: QuadPretrainConfig) -> dict[str, Any]:
+    """open_clip model config: ModifiedResNet image tower at 32 px, small text transformer."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "init_logit_scale": math.log(cfg.logit_scale),
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": [1, 1, 1, 1],
+            "width": cfg.vision_width,
+            "head_width": 32,
+            "patch_size": None,
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": 49408,
+            "width": cfg.text_width,
+            "heads": 4,
+            "layers": cfg.text_layers,
+        },
+    }
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float normalised like open_clip's preprocess."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def pretrain_quadrants(
+    cfg: QuadPretrainConfig, root: str | Path = ".cache/bench", progress: bool = True
+) -> Path:
+    """Pretrain (or reuse) the zero-shot model; returns its folder (model.json, model.safetensors, meta.json)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(root) / f"ravl-zeroshot-{cfg.hash()}"
+    if (out / "meta.json").exists():
+        return out
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    model = open_clip.CLIP(**model_config(cfg))
+    model.logit_scale.requires_grad_(False)
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
+    samples = quadrant_samples(cfg.n_images, seed=cfg.seed + 10_000, pool="train")
+    images = to_tensor(np.stack([s.image for s in samples]))
+    rng = np.random.default_rng(cfg.seed)
+    captions = []
+    for s in samples:
+        c = CAPTION.replace("{c}", CLASSNAMES[s.label])
+        if s.rect and rng.random() < cfg.rect_caption_prob:
+            c = c[:-1] + RECT_SUFFIX + "."
+        captions.append(c)
+    tokens = tokenizer(captions)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    loss_m = None
+    for step in range(cfg.steps):
+        lr = (
+            cfg.lr * (step + 1) / cfg.warmup_steps
+            if step < cfg.warmup_steps
+            else 0.5
+            * cfg.lr
+            * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(samples), (cfg.batch_size,), generator=gen)
+        tok = tokens[idx]
+        same = (tok[:, None, :] == tok[None, :, :]).all(-1).float()  # identical captions are positives
+        img = F.normalize(model.encode_image(images[idx]), dim=-1)
+        txt = F.normalize(model.encode_text(tok), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = same / same.sum(1, keepdim=True)
+        loss = -(target * (logits.log_softmax(1) + logits.T.log_softmax(1))).sum(1).mean() / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_m = loss.item() if loss_m is None else 0.95 * loss_m + 0.05 * loss.item()
+        if progress and (step + 1) % 50 == 0:
+            print(
+                f"pretrain step {step + 1}/{cfg.steps} loss {loss_m:.3f} {time.time() - t0:.0f}s",
+                file=sys.stderr,
+            )
+    model.eval()
+    acc = zero_shot_accuracy(model, tokenizer, seed=cfg.seed + 20_000)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "model.json").write_text(json.dumps(model_config(cfg), indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "zero_shot": acc,
+        "final_loss": loss_m,
+        "seconds": round(time.time() - t0, 1),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.rename(out)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Zero-shot accuracy (%) on unbiased held-out quadrant images, with and without the rectangle."""
+    samples = quadrant_samples(n, seed=seed, pool="eval")
+    x = to_tensor(np.stack([s.image for s in samples]))
+    text = F.normalize(model.encode_text(tokenizer([CAPTION.replace("{c}", c) for c in CLASSNAMES])), dim=-1)
+    pred = (F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(1).numpy()
+    y = np.array([s.label for s in samples])
+    rect = np.array([s.rect for s in samples])
+    ok = pred == y
+    return {
+        "acc": round(100 * float(ok.mean()), 2),
+        "acc_rect": round(100 * float(ok[rect].mean()), 2),
+        "acc_no_rect": round(100 * float(ok[~rect].mean()), 2),
+    }
+
+
+# --- the suite --------------------------------------------------------------------------------------
+
+
+class RavlSuiteConfig(_Frozen):
+    """Settings of the controlled evaluation. `split` picks disjoint seeds (val: tuning, test: report)."""
+
+    split: Literal["val", "test"] = "test"
+    classes: tuple[int, ...] = Field((3, 8), description="spurious classes (the rectangle co-occurs with)")
+    strengths: tuple[float, ...] = Field(
+        (0.9,), description="s: rectangle in (1+s)/2 of the class, (1-s)/2 of others"
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[Literal["flyp", "ravl", "upsampled"], ...] = ("flyp", "ravl", "upsampled")
+    n_train: int = 2000
+    n_discover: int = 600  # unbiased, held-out digits: discovery set
+    n_test: int = 1000  # unbiased, held-out digits: mitigation metrics
+    steps: int = 150
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    ravl_lam: float = 0.8
+    ravl_tau: float = 0.07
+    region_mode: Literal["crop", "roi"] = "crop"
+    gap_threshold: float = Field(
+        5.0, description="points: other classes' accuracy without − with the rectangle"
+    )
+    pretrain: QuadPretrainConfig = Field(default_factory=QuadPretrainConfig)
+    out_dir: str = "runs/bench-ravl"
+    cache_dir: str = ".cache/bench"
+    threads: int = 2
+    progress: bool = True
+
+    def seed_base(self) -> int:
+        return 0 if self.split == "test" else 1000
+
+
+def _log(cfg: RavlSuiteConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _run(
+    cfg: RavlSuiteConfig,
+    name: str,
+    method: str,
+    train_csv: Path,
+    test_csv: Path,
+    zs: Path,
+    seed: int,
+    **extra,
+):
+    """One trainer run (skipped when its metrics exist); returns its directory."""
+    from trainer.config import build_config
+    from trainer.train import train
+
+    runs = Path(cfg.out_dir) / cfg.split / "runs"
+    if (runs / name / "metrics.json").is_file():
+        return runs / name
+    if (runs / name).exists():
+        import shutil
+
+        shutil.rmtree(runs / name)
+    classes = str(train_csv.parent / "classes.txt")
+    data = {
+        "name": name,
+        "runs_dir": str(runs),
+        "method": method,
+        "model": str(zs / "model.json"),
+        "pretrained": str(zs / "model.safetensors"),
+        "data": {
+            "train": {"path": str(train_csv), "classes": classes},
+            "eval": [{"path": str(test_csv), "classes": classes, "name": "test"}],
+        },
+        "caption": CAPTION,
+        "templates": [CAPTION],
+        "batch_size": cfg.batch_size,
+        "total_steps": cfg.steps,
+        "lr": cfg.lr,
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": 0.1,
+        "eval_every": 10_000,  # evaluate at the end only
+        "eval_batch_size": 500,
+        "log_every": 25,
+        "seed": seed,
+        "threads": cfg.threads,
+        "progress": False,
+        **extra,
+    }
+    t0 = time.time()
+    out = train(build_config(data))
+    _log(cfg, f"  {name}: {time.time() - t0:.0f}s")
+    return out
+
+
+def _upsampled_csv(train_csv: Path, groups: list[tuple[int, bool]], out: Path) -> Path:
+    """Rows repeated so every inferred group (class, has the feature) has about the largest group's size."""
+    import csv
+
+    with train_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    by: dict[tuple[int, bool], list[dict]] = {}
+    for row, g in zip(rows, groups):
+        by.setdefault(g, []).append(row)
+    target = max(len(v) for v in by.values())
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, header)  # type: ignore[arg-type]
+        w.writeheader()
+        for g in sorted(by):
+            members = by[g]
+            for i in range(target):
+                w.writerow(members[i % len(members)])
+    return out
+
+
+@torch.no_grad()
+def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
+    """Zero-shot classification of each test image's digit quadrant, accuracy overall and worst group over
+    class × rectangle present: with RoI pooling of the full image's feature map (the paper's RoIAlign;
+    `region_*`) and with the quadrant cropped and resized through the transform (`region_*_crop`)."""
+    import csv
+
+    from PIL import Image
+
+    from trainer.config import load_config
+    from trainer.evaluate import zero_shot_head
+    from trainer.model import build_clip
+    from trainer.ravl import region_embeddings
+    from trainer.ravl_data import quadrant_boxes
+
+    cfg = load_config(run_dir / "config.yaml")
+    clip, preprocess, tokenizer = build_clip(cfg.model, str(run_dir / "checkpoints" / "last.safetensors"))
+    clip.eval()
+    head = zero_shot_head(clip, tokenizer, list(CLASSNAMES), [lambda c: CAPTION.replace("{c}", c)])
+    with test_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    full, crops, boxes, labels, groups = [], [], [], [], []
+    for row in rows:
+        with Image.open(test_csv.parent / row["path"]) as im:
+            im = im.convert("RGB")
+            box = quadrant_boxes(im.width // 2)[int(row["digit_quadrant"])]
+            x = preprocess(im)
+            s = x.shape[-1] / im.width  # square images: the transform only rescales
+            full.append(x)
+            crops.append(preprocess(im.crop(box)))
+            boxes.append(torch.tensor([[v * s for v in box]]))
+        labels.append(CLASSNAMES.index(row["label"]))
+        groups.append(f"{row['label']}/{row['group']}")
+    y = torch.tensor(labels)
+    out = {}
+    for mode, x in (("", torch.stack(full)), ("_crop", torch.stack(crops))):
+        embs = []
+        for i in range(0, len(x), 250):
+            if mode:
+                embs.append(F.normalize(clip.encode_image(x[i : i + 250]), dim=-1))
+            else:
+                e, _ = region_embeddings(clip, x[i : i + 250], boxes=boxes[i : i + 250], mode="roi")
+                embs.append(e)
+        ok = ((torch.cat(embs) @ head.T).argmax(1) == y).numpy()
+        accs = [100 * float(ok[[g == k for g in groups]].mean()) for k in sorted(set(groups))]
+        out[f"region_acc{mode}"] = round(100 * float(ok.mean()), 2)
+        out[f"region_wg{mode}"] = round(min(accs), 2)
+    return out
+
+
+def _learned_gap(report, disc_csv: Path, spurious_class: int) -> dict[str, float]:
+    """On the discovery set, with the fine-tuned model's predictions: other classes' accuracy without vs
+    with the rectangle, and the spurious class's with vs without (percent points)."""
+    import csv
+
+    with disc_csv.open(newline="") as f:
+        rect = [row["group"] == "rect" for row in csv.DictReader(f)]
+    y = np.array([im.label for im in report.images])
+    ok = np.array([im.pred == im.label for im in report.images])
+    rect = np.array(rect)
+    other = y != spurious_class
+    mine = ~other
+
+    def acc(m):
+        return 100 * float(ok[m].mean()) if m.any() else float("nan")
+
+    return {
+        "gap_others": round(acc(other & ~rect) - acc(other & rect), 2),
+        "gap_class": round(acc(mine & rect) - acc(mine & ~rect), 2),
+    }
+
+
+def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
+    """Run the suite; returns (and writes to OUT/SPLIT/results.json) settings, summary and wall times."""
+    from trainer.discover import assign_dataset, load_report, precision_at_k
+    from trainer.model import build_clip
+    from trainer.ravl_data import rectangle_regions, write_quadrant_split
+    from trainer.ravl_method import discover_run
+
+    cfg = cfg or RavlSuiteConfig()
+    torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    out = Path(cfg.out_dir) / cfg.split
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    zs = pretrain_quadrants(cfg.pretrain, cfg.cache_dir, progress=cfg.progress)
+    zs_meta = json.loads((zs / "meta.json").read_text())
+    t_pretrain = time.time() - t0
+    _log(cfg, f"zero-shot model {zs} ({zs_meta['zero_shot']})")
+
+    base = cfg.seed_base()
+    data = out / "data"
+    disc_csv = data / "discover.csv"
+    test_csv = data / "test.csv"
+    if not test_csv.is_file():
+        write_quadrant_split(data, "discover", cfg.n_discover, seed=base + 501, pool="eval")
+        write_quadrant_split(data, "test", cfg.n_test, seed=base + 502, pool="eval")
+    gt = rectangle_regions(data / "discover_regions.csv")
+
+    settings = []
+    for c in cfg.classes:
+        for s in cfg.strengths:
+            for seed in cfg.seeds:
+                sd = base + seed
+                key = f"c{c}-s{s:g}-seed{sd}"
+                _log(cfg, f"setting {key}")
+                row: dict[str, Any] = {"key": key, "class": CLASSNAMES[c], "strength": s, "seed": sd}
+                train_csv = data / f"train-{key}.csv"
+                if not train_csv.is_file():
+                    write_quadrant_split(
+                        data, f"train-{key}", cfg.n_train, spurious_class=c, strength=s, seed=sd
+                    )
+                timing: dict[str, float] = {}
+                t = time.time()
+                flyp = _run(cfg, f"{key}-flyp", "flyp", train_csv, test_csv, zs, sd)
+                timing["flyp"] = time.time() - t
+                t = time.time()
+                rep_dir = out / "reports" / key
+                if not (rep_dir / "report.json").is_file():
+                    discover_run(flyp, disc_csv, data / "classes.txt", out=rep_dir, seed=sd)
+                report = load_report(rep_dir / "report.json")
+                timing["discover"] = time.time() - t
+                row["p_at_10"] = precision_at_k(report, gt, k=10) if report.features else 0.0
+                row["n_features"] = len(report.features)
+                row.update(_learned_gap(report, disc_csv, c))
+                row["learned"] = row["gap_others"] >= cfg.gap_threshold
+                methods: dict[str, Any] = {}
+                for m in cfg.methods:
+                    t = time.time()
+                    if m == "flyp":
+                        run = flyp
+                    elif m == "ravl":
+                        if not report.features:
+                            methods[m] = None
+                            continue
+                        run = _run(
+                            cfg,
+                            f"{key}-ravl",
+                            "ravl",
+                            train_csv,
+                            test_csv,
+                            zs,
+                            sd,
+                            discovered=str(rep_dir / "report.json"),
+                            method_options={
+                                "lam": cfg.ravl_lam,
+                                "tau": cfg.ravl_tau,
+                                "region_mode": cfg.region_mode,
+                            },
+                        )
+                    else:
+                        up_csv = data / f"train-{key}-upsampled.csv"
+                        if not up_csv.is_file():
+                            import csv as _csv
+
+                            with train_csv.open(newline="") as f:
+                                rows_ = [
+                                    (str((data / r["path"]).resolve()), CLASSNAMES.index(r["label"]))
+                                    for r in _csv.DictReader(f)
+                                ]
+                            if report.features:
+                                clip, pre, _ = build_clip(
+                                    str(zs / "model.json"), str(flyp / "checkpoints" / "last.safetensors")
+                                )
+                                _, spur = assign_dataset(report, clip.eval(), pre, rows_)
+                                flags = [any(v) for v in spur]
+                            else:
+                                flags = [False] * len(rows_)
+                            _upsampled_csv(train_csv, [(y, f) for (_, y), f in zip(rows_, flags)], up_csv)
+                        run = _run(cfg, f"{key}-upsampled", "flyp", up_csv, test_csv, zs, sd)
+                    metrics = json.loads((run / "metrics.json").read_text())["final"]["test"]
+                    methods[m] = {
+                        "image_acc": round(metrics["top1"], 2),
+                        "image_wg": round(metrics["worst_group"], 2),
+                        **region_worst_group(run, test_csv),
+                    }
+                    timing[m] = time.time() - t
+                row["methods"] = methods
+                row["seconds"] = {k: round(v, 1) for k, v in timing.items()}
+                settings.append(row)
+                _log(cfg, f"  {json.dumps({k: v for k, v in row.items() if k != 'seconds'})}")
+    results = {
+        "config": cfg.model_dump(mode="json"),
+        "zero_shot": zs_meta["zero_shot"],
+        "settings": settings,
+        "summary": summarize(settings, cfg.methods),
+        "seconds": {"pretrain": round(t_pretrain, 1), "total": round(time.time() - t_start, 1)},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    try:
+        plot_results(results, out / "results.png")
+    except (OSError, ValueError, RuntimeError) as e:
+        _log(cfg, f"warning: plot not written ({e})")
+    if cfg.progress:
+        print_results(results)
+    return results
+
+
+def _ms(values: list[float]) -> dict[str, float | int]:
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0}
+    return {
+        "mean": round(float(v.mean()), 3),
+        "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 3),
+        "n": len(v),
+    }
+
+
+def summarize(settings: list[dict], methods) -> dict[str, Any]:
+    """Mean ± std over the settings where the correlation was learned (and over all, for P@10)."""
+    learned = [r for r in settings if r["learned"]]
+    out: dict[str, Any] = {
+        "settings": len(settings),
+        "learned": len(learned),
+        "p_at_10_learned": _ms([r["p_at_10"] for r in learned]),
+        "p_at_10_all": _ms([r["p_at_10"] for r in settings]),
+        "gap_others_all": _ms([r["gap_others"] for r in settings]),
+    }
+    for scope, rows in (("learned", learned), ("all", settings)):
+        out[f"mitigation_{scope}"] = {
+            m: {k: _ms([r["methods"][m][k] for r in rows if r["methods"].get(m)]) for k in METRICS}
+            for m in methods
+        }
+    return out
+
+
+def _pm(v: dict) -> str:
+    return "–" if v["mean"] is None else f"{v['mean']:.1f} ± {v['std']:.1f}"
+
+
+def print_results(results: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    s = results["summary"]
+    t = Table(
+        title=f"RaVL discovery ({results['config']['split']}): {s['learned']}/{s['settings']} settings learned the correlation"
+    )
+    for col in ("setting", "gap others", "gap class", "features", "P@10"):
+        t.add_column(col, justify="right")
+    for r in results["settings"]:
+        t.add_row(
+            r["key"],
+            f"{r['gap_others']:.1f}",
+            f"{r['gap_class']:.1f}",
+            str(r["n_features"]),
+            f"{r['p_at_10']:.2f}",
+        )
+    console.print(t)
+    p = s["p_at_10_learned"]
+    q = s["p_at_10_all"]
+    console.print(
+        f"P@10: {_pm(p)} over the {p['n']} settings that learned the correlation; {_pm(q)} over all {q['n']}"
+    )
+    for scope in ("learned", "all"):
+        t = Table(title=f"Mitigation, mean ± std over {scope} settings (test set, %)")
+        t.add_column("method")
+        for col in ("image acc", "image WG", "region acc", "region WG"):
+            t.add_column(col, justify="right")
+        for m, v in s[f"mitigation_{scope}"].items():
+            t.add_row(m, *(_pm(v[k]) for k in ("image_acc", "image_wg", "region_acc", "region_wg")))
+        console.print(t)
+
+
+def plot_results(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]["mitigation_all"]
+    methods = list(s)
+    keys = ("image_acc", "image_wg", "region_acc", "region_wg")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    w = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        ax1.bar(
+            [j + i * w for j in range(len(keys))],
+            [s[m][k]["mean"] or 0.0 for k in keys],
+            w,
+            yerr=[s[m][k]["std"] or 0.0 for k in keys],
+            label=m,
+            capsize=2,
+        )
+    ax1.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(keys))], keys)
+    ax1.set_ylabel("% (test)")
+    ax1.legend()
+    ax1.set_title("mitigation (all settings)")
+    rows = results["settings"]
+    ax2.scatter([r["gap_others"] for r in rows], [r["p_at_10"] for r in rows])
+    ax2.set_xlabel("learned gap (points)")
+    ax2.set_ylabel("discovery P@10")
+    ax2.set_title("discovery")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
