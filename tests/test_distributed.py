@@ -54,6 +54,14 @@ full = {
     "index": torch.arange(n),
     "caption": tokenizer([f"a photo of a c{int(y)}." for y in labels]),
     "spurious": tokenizer([f"a photo of a c{int(y)} in the {w}." for y, w in zip(labels, words)]),
+    "region_mask": torch.tensor([[(i + j) % 3 == 0 for j in range(4)] for i in range(n)]),  # ravl: 2x2 grid
+}
+from trainer.ravl_method import RavlOptions
+
+ravl_state = {  # what the ravl method's setup returns, without a report
+    "opts": RavlOptions(lam=0.5),
+    "grid": (2, 2),
+    "class_emb": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
 }
 rank, world = acc.process_index, acc.num_processes
 part = slice(rank * n // world, (rank + 1) * n // world)
@@ -63,10 +71,14 @@ for name, overrides in [
     ("starft", ["method=starft", "spurious=none"]),
     ("kl", ["method=kl", "spurious=none"]),
     ("flyp_label", ["method=flyp", "positives=label"]),
+    ("ravl", ["method=ravl", "discovered=unused.json"]),  # regions embedded in the DDP forward, gathered
 ]:
     cfg = build_config({"data": {"train": {"path": "unused.csv"}}}, overrides)
     model.zero_grad(set_to_none=True)
-    terms = compute_losses(model, batch, get_method(cfg.method), cfg, acc, TeacherFeatures(teacher), teacher_scale, 0.5)
+    state = ravl_state if name == "ravl" else None
+    terms = compute_losses(
+        model, batch, get_method(cfg.method), cfg, acc, TeacherFeatures(teacher), teacher_scale, 0.5, state=state
+    )
     acc.backward(terms["loss"])
     grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
     results[name] = {"terms": {k: float(v) for k, v in terms.items()}, "grads": grads}

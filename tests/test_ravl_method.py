@@ -129,7 +129,8 @@ def report(quad):
     return out / "report.json"
 
 
-def test_ravl_run_end_to_end_text_tower_frozen(quad, report, tmp_path):
+@pytest.mark.parametrize("mode", ["roi", "crop"])
+def test_ravl_run_end_to_end_text_tower_frozen(quad, report, tmp_path, mode):
     res = runner.invoke(
         app,
         [
@@ -145,7 +146,7 @@ def test_ravl_run_end_to_end_text_tower_frozen(quad, report, tmp_path):
             "--set",
             f"runs_dir={tmp_path}/runs",
             "--set",
-            "method_options={lam: 0.5}",
+            f"method_options={{lam: 0.5, region_mode: {mode}}}",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -157,7 +158,7 @@ def test_ravl_run_end_to_end_text_tower_frozen(quad, report, tmp_path):
         assert r["loss"] == pytest.approx(0.5 * r["contrastive_loss"] + 0.5 * r["reg_loss"], rel=1e-5)
         assert r["reg_loss"] == pytest.approx(r["region_loss"] + r["align_loss"], rel=1e-5)
     state = json.loads((run / "run.json").read_text())["method_state"]
-    assert state["lam"] == 0.5 and state["tau"] == 0.07 and state["region_mode"] == "crop"
+    assert state["lam"] == 0.5 and state["tau"] == 0.07 and state["region_mode"] == mode
     assert 0 < state["spurious_regions"] < 1
     init, last = load_file(str(quad["init"])), load_file(str(run / "checkpoints" / "last.safetensors"))
     changed = {k for k in init if not torch.equal(init[k], last[k])}

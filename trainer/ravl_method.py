@@ -12,7 +12,7 @@ are embedded once (frozen text tower, the training set's templates). Per step
 with region embeddings computed in the model's forward (through the DDP wrapper, so their gradients are
 synced) and all-gathered with gradient, so the loss is that of the global batch.
 
-Options (`method_options`, validated by `RavlOptions`): lam 0.8, tau 0.07, region_mode crop|roi,
+Options (`method_options`, validated by `RavlOptions`): lam 0.8, tau 0.07, region_mode roi|crop,
 top 1, reduction mean|sum, assign_weights (weights that embed the training regions; default: the
 report's model). Only grid reports can label a training set (boxes CSVs would need per-image boxes).
 """
@@ -38,7 +38,9 @@ class RavlOptions(BaseModel):
 
     lam: float = Field(0.8, ge=0, le=1, description="weight of L_CL; (1 − lam) weighs L_R + L_A")
     tau: float = Field(0.07, gt=0, description="temperature of the region-aware loss")
-    region_mode: Literal["crop", "roi"] = "crop"
+    region_mode: Literal["crop", "roi"] = Field(
+        "roi", description="roi: RoIAlign on the tower's feature map (measured better and faster); crop"
+    )
     top: int = Field(1, ge=1, description="discovered features whose regions are spurious (paper: 1)")
     reduction: Literal["mean", "sum"] = Field("mean", description="over images; sum is the paper's Σ_i")
     assign_model: str | None = Field(None, description="model config of the report's model; default: run's")
@@ -96,6 +98,16 @@ def _setup(cfg, train_set, clip, preprocess, tokenizer) -> dict[str, Any]:
     rows = [(str(p), y) for p, y in zip(train_set.paths, train_set.labels)]
     _, spurious = assign_dataset(report, assigner.eval(), assign_pre, rows, top=opts.top)
     mask = torch.tensor(spurious, dtype=torch.bool)  # (N, rows*cols), grid order
+    if opts.region_mode == "roi":  # fail before training on a tower RoI pooling does not support
+        from trainer.ravl import region_embeddings
+
+        size = clip.visual.image_size
+        size = size if isinstance(size, int) else size[0]
+        try:
+            with torch.no_grad():
+                region_embeddings(clip, torch.zeros(1, 3, size, size), grid=(1, 1), mode="roi")
+        except NotImplementedError as e:
+            raise ConfigError(f"method_options.region_mode roi: {e}") from None
     with torch.no_grad():  # the text tower is frozen, so the class prompts are fixed
         class_emb = zero_shot_head(clip, tokenizer, train_set.classes, train_set.templates)
     summary = {

@@ -215,7 +215,7 @@ class RavlSuiteConfig(_Frozen):
     warmup_steps: int = 10
     ravl_lam: float = 0.8
     ravl_tau: float = 0.07
-    region_mode: Literal["crop", "roi"] = "crop"
+    region_mode: Literal["crop", "roi"] = "roi"
     gap_threshold: float = Field(
         5.0, description="points: other classes' accuracy without − with the rectangle"
     )
