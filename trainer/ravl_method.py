@@ -103,11 +103,15 @@ def _setup(cfg, train_set, clip, preprocess, tokenizer) -> dict[str, Any]:
 
         size = clip.visual.image_size
         size = size if isinstance(size, int) else size[0]
+        was_training = clip.training
+        clip.eval()  # eval: no batch-norm statistics are touched by the probe
         try:
             with torch.no_grad():
                 region_embeddings(clip, torch.zeros(1, 3, size, size), grid=(1, 1), mode="roi")
         except NotImplementedError as e:
             raise ConfigError(f"method_options.region_mode roi: {e}") from None
+        finally:
+            clip.train(was_training)
     with torch.no_grad():  # the text tower is frozen, so the class prompts are fixed
         class_emb = zero_shot_head(clip, tokenizer, train_set.classes, train_set.templates)
     summary = {
