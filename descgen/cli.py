@@ -199,7 +199,12 @@ def expand(
     prompt: PromptOpt = None,
     catalog: CatalogOpt = None,
     classes: Annotated[str | None, typer.Option(help="extra class names to reject, comma-separated")] = None,
-    min_count: Annotated[int, typer.Option(min=1, help="keep a phrase only if sampled >= k times")] = 1,
+    min_count: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="keep a phrase only if sampled >= k times (default: prompts/qc.yaml, else 1)"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences sampled per batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
@@ -260,7 +265,7 @@ def expand(
             hint=c.hint,
             existing=existing_keys(doc, c.name),
             n=n,
-            min_count=min_count,
+            min_count=min_count or rules.min_count,
             sampling=sampling,
             budget=budget,
             seed=seed,

@@ -8,10 +8,15 @@ repeats itself. Every parsed item gets exactly one verdict: accepted, or the fir
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ruamel.yaml import YAML
 
 from descgen.schema import MAX_DESCRIPTOR_CHARS, MAX_DESCRIPTOR_WORDS, PLACEHOLDER, Form
 
@@ -30,6 +35,11 @@ NEAR_DUPLICATE = "near-duplicate"
 IN_BANK = "already in bank"
 PREV_REJECTED = "rejected before"
 RARE = "rare (below --min-count)"
+UNKNOWN_WORD = "unknown word"
+COINED = "coined compound"
+VAGUE = "vague"
+OTHER_CONCEPT = "another concept's word"
+NOT_ADJECTIVE = "not an adjective"
 
 ARTICLES = {"a", "an", "the"}
 PREPOSITIONS = {
@@ -163,6 +173,67 @@ def near_key(text: str) -> str:
     return " ".join(w for w in words if w not in ARTICLES)
 
 
+# Endings of adjectives ("glossy", "weathered", "metallic", "translucent") and of nouns / -ing forms
+# ("overexposure", "illumination", "shimmering") for prefix descriptors, which must be adjectives.
+_ADJ_ENDINGS = (
+    "y",
+    "ed",
+    "en",
+    "ic",
+    "al",
+    "ent",
+    "ant",
+    "ous",
+    "ful",
+    "less",
+    "ive",
+    "ile",
+    "ate",
+    "ish",
+    "able",
+    "ible",
+    "ar",
+    "id",
+)
+_NOUN_ENDINGS = ("tion", "sion", "ure", "ness", "ment", "ance", "ence", "ity", "ism", "ing", "er")
+QC_VOCAB = Path(__file__).resolve().parent.parent / "prompts" / "qc.yaml"
+
+
+@functools.cache
+def load_vocab(path: str | Path | None = None) -> dict:
+    """prompts/qc.yaml: QC word lists, global and per concept (see the file's header)."""
+    data = YAML(typ="safe").load(Path(path or QC_VOCAB).read_text(encoding="utf-8")) or {}
+    return data
+
+
+@functools.cache
+def zipf(word: str) -> float:
+    """English word frequency on the Zipf scale (0: never seen); wordfreq, offline."""
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def content_words(text: str) -> list[str]:
+    """Words that carry meaning: no articles, prepositions, conjunctions; possessive 's dropped."""
+    words = [re.sub(r"'s?$", "", w).strip("'-") for w in text.split()]
+    return [w for w in words if w and w not in ARTICLES | PREPOSITIONS | {"or", "and", "of", "either"}]
+
+
+def _matches(word: str, patterns: Iterable[str]) -> str | None:
+    return next((p for p in patterns if fnmatchcase(word, p)), None)
+
+
+def _adjective_shaped(word: str, rules: Rules) -> bool:
+    if word in rules.adjectives:
+        return True
+    if "-" in word:  # "over-exposed": judge the last part
+        return _adjective_shaped(word.rsplit("-", 1)[1], rules)
+    if word.endswith(_NOUN_ENDINGS) or word.endswith("s") and not word.endswith(("ous", "less")):
+        return False
+    return word.endswith(_ADJ_ENDINGS)
+
+
 def _has_word(text: str, words: Iterable[str]) -> str | None:
     padded = f" {re.sub(r'[^a-z0-9 ]+', ' ', text)} "
     return next((w for w in words if f" {w} " in padded), None)
@@ -180,10 +251,23 @@ class Rules:
     hint_words: frozenset[str] = frozenset()
     classes: frozenset[str] = frozenset()
     concept_names: frozenset[str] = frozenset()
+    # Word lists from prompts/qc.yaml (globs allowed); empty: rule off.
+    min_zipf: float = 0.0
+    vague: frozenset[str] = frozenset()
+    avoid: frozenset[str] = frozenset()
+    keywords: frozenset[str] = frozenset()
+    adjectives: frozenset[str] = frozenset()
+    modifiers: frozenset[str] = frozenset()
+    compound_prefixes: frozenset[str] = frozenset()
+    min_count: int = 1
 
 
-def rules_for(concept: str, form: Form, entry=None, classes: Iterable[str] = (), concept_names=()) -> Rules:
-    """Rules from a catalog entry (or defaults for a concept the catalog does not know)."""
+def rules_for(
+    concept: str, form: Form, entry=None, classes: Iterable[str] = (), concept_names=(), vocab=None
+) -> Rules:
+    """Rules from a catalog entry and prompts/qc.yaml (or defaults for a concept neither knows)."""
+    v = load_vocab() if vocab is None else vocab
+    per = (v.get("concepts") or {}).get(concept) or {}
     return Rules(
         concept=concept,
         form=form,
@@ -193,6 +277,14 @@ def rules_for(concept: str, form: Form, entry=None, classes: Iterable[str] = (),
         hint_words=frozenset(near_key(entry.hint).split() if entry else []),
         classes=frozenset(classes),
         concept_names=frozenset(concept_names) | {concept},
+        min_zipf=float(per.get("min_zipf", v.get("min_zipf", 0.0))),
+        vague=frozenset(v.get("vague") or []) | frozenset(per.get("vague") or []),
+        avoid=frozenset(per.get("avoid") or []),
+        keywords=frozenset(per.get("keywords") or []),
+        adjectives=frozenset(per.get("adjectives") or []),
+        modifiers=frozenset(v.get("modifiers") or []),
+        compound_prefixes=frozenset(v.get("compound_prefixes") or []),
+        min_count=int(per.get("min_count", 1)),
     )
 
 
@@ -232,7 +324,34 @@ def judge(item: str, rules: Rules) -> tuple[str, str | None]:
         return text, OFF_CONCEPT  # prefix descriptors are adjectives: "blurred", not "in blur"
     if rules.form == "suffix" and len(words) < 2:
         return text, OFF_CONCEPT  # a suffix needs a preposition and a noun: "in the snow"
-    return text, None
+    return text, _vocabulary(text, rules)
+
+
+def _vocabulary(text: str, rules: Rules) -> str | None:
+    """The word-level rules (prompts/qc.yaml): invented words, vague words, other concepts' words,
+    the concept's keywords, and adjectives for prefix descriptors."""
+    content = content_words(text)
+    if rules.min_zipf:
+        for w in content:
+            if zipf(w) < rules.min_zipf or any(p and zipf(p) < rules.min_zipf for p in w.split("-")):
+                return UNKNOWN_WORD  # "overexl", "mountaintribe"
+    if rules.form == "prefix" and rules.compound_prefixes:
+        for w in content:
+            if "-" in w and w.split("-", 1)[0] not in rules.compound_prefixes:
+                return COINED  # "glossy-varnished"; "over-exposed" is fine
+    if any(_matches(w, rules.vague) for w in content):
+        return VAGUE  # "in a location", "in the scene"
+    if any(_matches(w, rules.avoid) for w in content):
+        return OTHER_CONCEPT  # "at night" under background
+    if rules.keywords and not any(_matches(w, rules.keywords) for w in content):
+        return OFF_CONCEPT  # "on the beach" under weather
+    if rules.form == "prefix" and (rules.adjectives or rules.modifiers):
+        *mods, head = text.split()
+        if not _adjective_shaped(head, rules) or any(
+            m not in rules.modifiers and not _adjective_shaped(m, rules) for m in mods
+        ):
+            return NOT_ADJECTIVE  # "silk", "glass", "overexposure"
+    return None
 
 
 @dataclass

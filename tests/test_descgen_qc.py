@@ -128,3 +128,102 @@ def test_echo_is_relative_to_what_the_prompt_showed():
     c.add_reply("- on the beach\n- in the city", 2, shown=["in the city", "at home", "in a park"])
     assert {x.text: x.count for x in c.accepted()} == {"in the city": 1, "on the beach": 1}
     assert c.occurrences[qc.ECHO] == 2
+
+
+# --- word-level rules from prompts/qc.yaml -------------------------------------------------------
+
+NAMES = [e.name for e in CAT.concepts]
+
+
+def _rules(name):
+    e = CAT.get(name)
+    return rules_for(name, e.form, e, CAT.classes, NAMES)
+
+
+TEX, LIT, WEA, VIEW = (_rules(n) for n in ("texture", "lighting", "weather", "viewpoint"))
+
+
+@pytest.mark.parametrize(
+    "item, rules, reason",
+    [
+        # invented words: rarer than min_zipf in wordfreq's English
+        ("on a mountaintribe", BG, qc.UNKNOWN_WORD),
+        ("overexl", RES, qc.UNKNOWN_WORD),
+        ("watershampy", TEX, qc.UNKNOWN_WORD),
+        ("in the city of qadaa", BG, qc.UNKNOWN_WORD),
+        ("in the city of paris", BG, None),
+        ("underexposed", RES, None),
+        # hyphenated coinages in prefix descriptors; "over-"/"under-" compounds are words
+        ("glossy-varnished", TEX, qc.COINED),
+        ("over-exposed", RES, None),
+        # vague words
+        ("in a location", BG, qc.VAGUE),
+        ("in the scene", BG, qc.VAGUE),
+        ("in a remote place", BG, qc.VAGUE),
+        ("in the world", BG, qc.VAGUE),
+        ("from another angle", VIEW, qc.VAGUE),
+        ("in the field of light", LIT, qc.VAGUE),
+        # another concept's words
+        ("at night", BG, qc.OTHER_CONCEPT),
+        ("in the sun", BG, qc.OTHER_CONCEPT),
+        ("in the snow", BG, None),  # snow is what a background looks like
+        ("vibrant", TEX, qc.OTHER_CONCEPT),
+        ("from the camera", VIEW, qc.OTHER_CONCEPT),
+        # concept keywords required
+        ("on the beach", WEA, qc.OFF_CONCEPT),
+        ("in the evening", WEA, qc.OFF_CONCEPT),
+        ("in the snowstorm", WEA, None),
+        ("in the sun's rays", WEA, None),
+        ("in a studio", LIT, qc.OFF_CONCEPT),
+        ("in a dimly lit room", LIT, None),
+        ("metallic", RES, qc.OFF_CONCEPT),
+        ("unfocused", RES, None),
+        ("from the ground", VIEW, None),
+        ("at the edge", VIEW, qc.OFF_CONCEPT),
+        ("in the distance", VIEW, qc.OFF_CONCEPT),  # viewpoint starts: from, at, up, ...
+        # prefix descriptors are adjectives
+        ("silk", TEX, qc.NOT_ADJECTIVE),
+        ("glass", TEX, qc.NOT_ADJECTIVE),
+        ("gentle", TEX, qc.NOT_ADJECTIVE),
+        ("glossy", TEX, None),
+        ("weathered", TEX, None),
+        ("translucent", TEX, None),
+        ("plush", TEX, None),
+        ("overexposure", RES, qc.NOT_ADJECTIVE),
+        ("brightening", RES, qc.NOT_ADJECTIVE),
+        ("brighter", RES, qc.NOT_ADJECTIVE),
+        ("too bright", RES, None),
+        ("blurry camera", RES, qc.NOT_ADJECTIVE),
+    ],
+)
+def test_word_rules(item, rules, reason):
+    assert judge(item, rules)[1] == reason
+
+
+@pytest.mark.parametrize(
+    "word, content",
+    [
+        ("in the city's square", ["city", "square"]),
+        ("from either side", ["side"]),
+        ("in a town or village", ["town", "village"]),
+    ],
+)
+def test_content_words(word, content):
+    assert qc.content_words(word) == content
+
+
+def test_vocab_switches_rules_off_and_sets_min_count():
+    bare = rules_for("texture", "prefix", CAT.get("texture"), CAT.classes, NAMES, vocab={})
+    assert judge("glass", bare)[1] is None and bare.min_count == 1
+    vocab = {"min_zipf": 3.0, "concepts": {"texture": {"min_count": 2, "vague": ["kind"]}}}
+    r = rules_for("texture", "prefix", CAT.get("texture"), CAT.classes, NAMES, vocab=vocab)
+    assert r.min_count == 2
+    assert judge("scratchy", r)[1] == qc.UNKNOWN_WORD  # zipf 2.8 < 3.0
+
+
+def test_new_reasons_are_recorded_in_the_summary():
+    c = Collector(BG)
+    c.add_reply("- in a location\n- at night\n- on a mountaintribe\n- in the city")
+    rows = {r[0]: r[1:] for r in c.summary()}
+    assert rows["accepted"] == (1, 1)
+    assert rows[qc.VAGUE] == (1, 1) and rows[qc.OTHER_CONCEPT] == (1, 1) and rows[qc.UNKNOWN_WORD] == (1, 1)
