@@ -1,0 +1,118 @@
+"""A tiny end-to-end benchmark run: tiny world and model, a few steps, one seed, a few rows; report files.
+
+.venv/bin/pytest -q tests/test_bench_suite.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.bench.pretrain import PretrainConfig
+from trainer.bench.report import summarize, welch_t, write_report
+from trainer.bench.suite import BenchConfig, find_reviewed_bank, run_bench, write_oracle_bank
+from trainer.bench.world import WorldConfig
+
+
+def tiny_bench(tmp_path, **fields) -> BenchConfig:
+    world = WorldConfig(n_pretrain=96, n_a_train=64, n_eval=20, group_size=2)
+    pretrain = PretrainConfig(
+        world=world,
+        embed_dim=32,
+        vision_width=4,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        steps=3,
+        batch_size=32,
+        warmup_steps=1,
+    )
+    return BenchConfig(
+        pretrain=pretrain,
+        pretrain_seeds=[0],
+        seeds=[0],
+        steps=3,
+        batch_size=32,
+        warmup_steps=1,
+        out=str(tmp_path / "bench"),
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+        progress=False,
+        **fields,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("suite")
+    cfg = tiny_bench(tmp, rows=["zeroshot", "flyp", "starft", "oracle", "wise_starft"])
+    return cfg, run_bench(cfg)
+
+
+def test_tiny_bench_runs_every_row_and_writes_results(tiny_results):
+    cfg, results = tiny_results
+    rows = sorted(r["row"] for r in results["records"])
+    assert rows == ["flyp", "oracle", "starft", "wise_starft", "zeroshot"]
+    for rec in results["records"]:
+        m = rec["metrics"]
+        assert set(m) == {"id", "a_sketch", "a_unseen", "b_worst", "b_worst3", "b_avg", "b_plain", "b_sketch"}
+        assert all(0.0 <= v <= 100.0 for v in m.values())
+        assert m["b_worst"] <= m["b_worst3"] <= m["b_avg"]
+    saved = json.loads((cfg.out and __import__("pathlib").Path(cfg.out) / "results.json").read_text())
+    assert saved["records"] == results["records"]
+    cov = results["coverage"]["reviewed"]
+    assert cov["total"] > 0 and 0.0 <= cov["share"] <= 100.0
+    assert results["coverage"]["oracle"]["share"] == 100.0  # the world's own phrases
+
+
+def test_tiny_bench_report_files(tiny_results, tmp_path):
+    cfg, results = tiny_results
+    paths = write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
+    for row in ("zeroshot", "flyp", "starft", "oracle", "wise_starft"):
+        assert f"| {row} |" in md
+    assert "B worst group" in md and "coverage" in md
+    summary = json.loads(paths["json"].read_text())
+    assert summary["rows"]["flyp"]["cells"]["id"]["n"] == 1
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_runs_are_reused(tiny_results):
+    cfg, results = tiny_results
+    again = run_bench(cfg.model_copy(update={"rows": ["flyp"]}))
+    first = next(r for r in results["records"] if r["row"] == "flyp")
+    assert again["records"][0]["metrics"] == first["metrics"]
+    assert again["records"][0]["seconds"] < 5
+
+
+def test_welch_t_and_summary():
+    assert welch_t([1.0], [2.0]) is None
+    assert welch_t([1.0, 3.0], [1.0, 3.0]) == 0.0
+    t = welch_t([10.0, 12.0, 11.0], [1.0, 2.0, 3.0])
+    assert t == pytest.approx(9.0 / (2 / 3) ** 0.5, rel=1e-6)
+    recs = [
+        {"row": r, "seconds": 1.0, "metrics": {"id": x, "b_worst": x}}
+        for r, x in [("flyp", 1.0), ("flyp", 3.0), ("starft", 5.0), ("starft", 7.0)]
+    ]
+    s = summarize({"split": "val", "records": recs})
+    assert s["rows"]["starft"]["cells"]["id"] == {"mean": 6.0, "std": pytest.approx(1.41), "n": 2}
+    assert s["welch_starft_vs"]["flyp"]["id"]["diff"] == 4.0
+
+
+def test_oracle_bank_and_reviewed_bank(tmp_path):
+    from descgen.bank import load_bank
+
+    world = WorldConfig()
+    path = write_oracle_bank(world, tmp_path)
+    bank = load_bank(path)
+    texts = [d.text for d in bank.approved(["background"])]
+    assert "on the grass" in texts and all(d.source == "manual" for d in bank.approved(["background"]))
+    assert write_oracle_bank(world, tmp_path) == path  # reused, never rewritten
+    reviewed = find_reviewed_bank("banks")
+    assert load_bank(reviewed).approved(["background"])
+
+
+def test_config_rejects_unknown_rows():
+    with pytest.raises(ValueError, match="unknown rows"):
+        BenchConfig(rows=["flyp", "magic"])

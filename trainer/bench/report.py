@@ -1,0 +1,221 @@
+"""Benchmark report: mean ± std per row and column, Welch t-tests, a markdown + JSON table and a PNG plot.
+
+    from trainer.bench.report import write_report; paths = write_report(results, "runs/bench")
+
+`results` is what `trainer.bench.suite.run_bench` returns (or its results.json). Statistics pool every
+(pretraining seed, fine-tuning seed) run of a row; std is the sample std (ddof 1), 0 for a single run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from trainer.bench.suite import ALL_ROWS, COLUMNS
+
+# Column headers of the table.
+HEADERS = {
+    "id": "ID (A)",
+    "a_sketch": "A sketch",
+    "a_unseen": "A unseen bg",
+    "b_worst": "B worst group",
+    "b_worst3": "B worst-3",
+    "b_avg": "B group avg",
+    "b_plain": "B plain",
+    "b_sketch": "B sketch",
+}
+# Welch comparisons: starft against these rows.
+COMPARE = ("flyp", "flyp_lowlr", "clean", "random", "oracle", "wise_flyp")
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def welch_t(a: list[float], b: list[float]) -> float | None:
+    """Welch's t of mean(a) - mean(b); None with fewer than 2 runs on a side, inf when both spreads are 0."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, sa = _mean_std(a)
+    mb, sb = _mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    if se == 0:
+        return 0.0 if ma == mb else math.copysign(math.inf, ma - mb)
+    return (ma - mb) / se
+
+
+def values(records: list[dict], row: str, col: str) -> list[float]:
+    return [r["metrics"][col] for r in records if r["row"] == row and col in r["metrics"]]
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per row and column: mean, std, n; Welch t of starft against the comparison rows; mean seconds."""
+    records = results["records"]
+    present = [r for r in ALL_ROWS if any(rec["row"] == r for rec in records)]
+    table: dict[str, dict[str, Any]] = {}
+    for row in present:
+        cells = {}
+        for col in COLUMNS:
+            xs = values(records, row, col)
+            if xs:
+                m, s = _mean_std(xs)
+                cells[col] = {"mean": round(m, 2), "std": round(s, 2), "n": len(xs)}
+        secs = [r["seconds"] for r in records if r["row"] == row and r.get("seconds") is not None]
+        table[row] = {"cells": cells, "seconds": round(sum(secs) / len(secs), 1) if secs else None}
+    tests: dict[str, dict[str, Any]] = {}
+    if "starft" in table:
+        for other in COMPARE:
+            if other not in table:
+                continue
+            tests[other] = {}
+            for col in COLUMNS:
+                a, b = values(records, "starft", col), values(records, other, col)
+                if a and b:
+                    t = welch_t(a, b)
+                    diff = sum(a) / len(a) - sum(b) / len(b)
+                    tests[other][col] = {
+                        "diff": round(diff, 2),
+                        "t": None if t is None else (round(t, 2) if math.isfinite(t) else str(t)),
+                    }
+    return {
+        "split": results.get("split"),
+        "rows": table,
+        "welch_starft_vs": tests,
+        "coverage": results.get("coverage", {}),
+        "seconds": results.get("seconds", {}),
+        "n_runs": len(records),
+    }
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "–"
+    return f"{c['mean']:.1f} ± {c['std']:.1f}" if c["n"] > 1 else f"{c['mean']:.1f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The table (mean ± std over runs), the Welch tests and the bank coverage as markdown."""
+    cols = list(COLUMNS)
+    lines = [
+        f"Split: {summary['split']}; mean ± std over every run of a row (n = runs).",
+        "",
+        "| row | n | " + " | ".join(HEADERS[c] for c in cols) + " | s/run |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for row, r in summary["rows"].items():
+        n = max((c["n"] for c in r["cells"].values()), default=0)
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(
+            f"| {row} | {n} | " + " | ".join(_cell(r["cells"].get(c)) for c in cols) + f" | {secs} |"
+        )
+    if summary["welch_starft_vs"]:
+        lines += [
+            "",
+            "starft minus other row (Welch t):",
+            "",
+            "| vs | " + " | ".join(HEADERS[c] for c in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for other, t in summary["welch_starft_vs"].items():
+            cells = []
+            for c in cols:
+                x = t.get(c)
+                if x is None:
+                    cells.append("–")
+                else:
+                    tt = "n/a" if x["t"] is None else (x["t"] if isinstance(x["t"], str) else f"{x['t']:.1f}")
+                    cells.append(f"{x['diff']:+.1f} (t {tt})")
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    for name, cov in summary.get("coverage", {}).items():
+        lines += [
+            "",
+            f"Bank vocabulary coverage ({name}, {cov['bank']}): {cov['share']}% "
+            f"({cov['covered']}/{cov['total']} approved descriptors use only pretraining-caption words)"
+            + (f"; unknown words: {', '.join(cov['missing_words'][:20])}" if cov["missing_words"] else ""),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(summary: dict[str, Any]):
+    """The summary table as a rich Table."""
+    from rich.table import Table
+
+    cols = list(COLUMNS)
+    t = Table(title=f"StarFT bench ({summary['split']} split), mean ± std")
+    t.add_column("row")
+    t.add_column("n", justify="right")
+    for c in cols:
+        t.add_column(HEADERS[c], justify="right")
+    t.add_column("s/run", justify="right")
+    for row, r in summary["rows"].items():
+        n = max((c["n"] for c in r["cells"].values()), default=0)
+        t.add_row(
+            row,
+            str(n),
+            *(_cell(r["cells"].get(c)) for c in cols),
+            "" if r["seconds"] is None else f"{r['seconds']:.0f}",
+        )
+    return t
+
+
+def plot(results: dict[str, Any], path: str | Path) -> Path:
+    """PNG: task-B worst group against ID accuracy, one point per run, one colour per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = results["records"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    cmap = plt.get_cmap("tab20")
+    for i, row in enumerate(r for r in ALL_ROWS if any(rec["row"] == r for rec in records)):
+        pts = [(r["metrics"]["id"], r["metrics"]["b_worst"]) for r in records if r["row"] == row]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if pts:
+            marker = "*" if row == "starft" else ("s" if row.startswith("wise") else "o")
+            ax.scatter(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=row,
+                color=cmap(i),
+                marker=marker,
+                s=90 if row == "starft" else 40,
+            )
+    ax.set_xlabel("ID accuracy, task A (%)")
+    ax.set_ylabel("task-B worst group (%)")
+    ax.set_title(f"StarFT bench ({results.get('split')} split): one point per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out: str | Path, console=None) -> dict[str, Path]:
+    """Write report.md, report.json and plot.png to `out`; print the table with rich. Returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    paths = {
+        "markdown": out / "report.md",
+        "json": out / "report.json",
+        "plot": out / "plot.png",
+    }
+    paths["markdown"].write_text(markdown(summary))
+    paths["json"].write_text(json.dumps(summary, indent=1))
+    plot(results, paths["plot"])
+    if console is not None:
+        console.print(rich_table(summary))
+        for name, cov in summary.get("coverage", {}).items():
+            console.print(f"bank coverage ({name}, {cov['bank']}): {cov['share']}% of {cov['total']} descriptors")
+    return paths
+
+
+__all__ = ["markdown", "plot", "rich_table", "summarize", "welch_t", "write_report"]
