@@ -259,6 +259,7 @@ class Rules:
     adjectives: frozenset[str] = frozenset()
     modifiers: frozenset[str] = frozenset()
     compound_prefixes: frozenset[str] = frozenset()
+    dangling: frozenset[str] = frozenset()
     min_count: int = 1
 
 
@@ -284,6 +285,7 @@ def rules_for(
         adjectives=frozenset(per.get("adjectives") or []),
         modifiers=frozenset(v.get("modifiers") or []),
         compound_prefixes=frozenset(v.get("compound_prefixes") or []),
+        dangling=frozenset(v.get("dangling") or []),
         min_count=int(per.get("min_count", 1)),
     )
 
@@ -331,6 +333,8 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
     """The word-level rules (prompts/qc.yaml): invented words, vague words, other concepts' words,
     the concept's keywords, and adjectives for prefix descriptors."""
     content = content_words(text)
+    if rules.form == "suffix" and text.split()[-1] in rules.dangling:
+        return INCOMPLETE  # "in a bright", "from a wide": the noun is missing
     if rules.min_zipf:
         for w in content:
             if zipf(w) < rules.min_zipf or any(p and zipf(p) < rules.min_zipf for p in w.split("-")):

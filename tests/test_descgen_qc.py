@@ -180,7 +180,16 @@ TEX, LIT, WEA, VIEW = (_rules(n) for n in ("texture", "lighting", "weather", "vi
         ("unfocused", RES, None),
         ("from the ground", VIEW, None),
         ("at the edge", VIEW, qc.OFF_CONCEPT),
-        ("in the distance", VIEW, qc.OFF_CONCEPT),  # viewpoint starts: from, at, up, ...
+        ("in the distance", VIEW, qc.OFF_CONCEPT),  # viewpoint starts: from, up, close, ...
+        ("at the back", VIEW, qc.OFF_CONCEPT),
+        ("from a perspective", VIEW, qc.VAGUE),
+        ("from the vantage point", VIEW, qc.VAGUE),
+        # a suffix ending in an adjective has lost its noun
+        ("in a bright", LIT, qc.INCOMPLETE),
+        ("from a wide", VIEW, qc.INCOMPLETE),
+        ("in the warm", WEA, qc.INCOMPLETE),
+        ("in the cold", WEA, None),
+        ("from far", VIEW, None),
         # prefix descriptors are adjectives
         ("silk", TEX, qc.NOT_ADJECTIVE),
         ("glass", TEX, qc.NOT_ADJECTIVE),
@@ -219,6 +228,7 @@ def test_vocab_switches_rules_off_and_sets_min_count():
     r = rules_for("texture", "prefix", CAT.get("texture"), CAT.classes, NAMES, vocab=vocab)
     assert r.min_count == 2
     assert judge("scratchy", r)[1] == qc.UNKNOWN_WORD  # zipf 2.8 < 3.0
+    assert LIT.min_count == 2 and BG.min_count == 1  # lighting is noisy: sampled twice or more
 
 
 def test_new_reasons_are_recorded_in_the_summary():
