@@ -214,7 +214,9 @@ def write_report(results: dict[str, Any], out: str | Path, console=None) -> dict
     if console is not None:
         console.print(rich_table(summary))
         for name, cov in summary.get("coverage", {}).items():
-            console.print(f"bank coverage ({name}, {cov['bank']}): {cov['share']}% of {cov['total']} descriptors")
+            console.print(
+                f"bank coverage ({name}, {cov['bank']}): {cov['share']}% of {cov['total']} descriptors"
+            )
     return paths
 
 

@@ -80,7 +80,9 @@ class BenchConfig(BaseModel):
     freeze_logit_scale: bool = True
     caption: str = Field("a photo of a {c}.", description="fine-tuning caption form")
     templates: str | list[str] = Field("simple", description="zero-shot head prompts (trainer `templates`)")
-    group_prompts: str | None = Field(None, description="task-B head averaged over backgrounds, e.g. '{c} on {g}'")
+    group_prompts: str | None = Field(
+        None, description="task-B head averaged over backgrounds, e.g. '{c} on {g}'"
+    )
     positives: Literal["index", "label"] = "index"
     # --- regulariser (kl, starft, clean, random, oracle) ---
     lam: float = Field(1.0, ge=0)
@@ -352,7 +354,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         zero_shot[str(pseed)] = {"dir": str(model_dir), "summary": meta.get("zero_shot", {}).get(cfg.split)}
         runs_dir = out / cfg.split / f"p{pseed}"
 
-        def record(row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, pseed: int = pseed) -> None:
+        def record(
+            row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, pseed: int = pseed
+        ) -> None:
             nonlocal job
             job += 1
             rec = {

@@ -1,0 +1,221 @@
+"""Command functions of the benchmark: `trainer pretrain`, `trainer bench`, `trainer demo`.
+
+    app.command()(pretrain); app.command()(bench); app.command()(demo)   # registered in trainer/cli.py
+
+Plain functions with typer.Option defaults, so trainer/cli.py decides where they hang. Each one builds a
+config, calls one library function, prints with rich: tables to stdout, progress and notes to stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    err.print(Text.assemble(("Error: ", "bold red"), " ".join(str(message).split())))
+    raise typer.Exit(1)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pydantic import ValidationError
+
+    from descgen.errors import DescgenError
+    from trainer.errors import TrainerError
+
+    return (TrainerError, DescgenError, ValidationError, FileNotFoundError)
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=option
+        ) from None
+
+
+def _words(text: str | None) -> list[str] | None:
+    return None if text is None else [x for x in text.replace(",", " ").split() if x]
+
+
+def _zero_shot_table(rows: list[tuple[int, Path, dict[str, Any]]], split: str) -> Table:
+    keys = [
+        ("a_acc", "ID (A)"),
+        ("a_sketch_acc", "A sketch"),
+        ("a_unseen_acc", "A unseen bg"),
+        ("b_worst_group", "B worst group"),
+        ("b_worst3", "B worst-3"),
+        ("b_group_avg", "B group avg"),
+        ("b_bias_gap", "B bias gap"),
+        ("b_plain_acc", "B plain"),
+        ("b_sketch_acc", "B sketch"),
+    ]
+    t = Table(title=f"zero-shot models ({split} split)")
+    t.add_column("seed", justify="right")
+    for _, h in keys:
+        t.add_column(h, justify="right")
+    t.add_column("logit scale", justify="right")
+    t.add_column("pretrain s", justify="right")
+    for seed, _, meta in rows:
+        z = meta.get("zero_shot", {}).get(split, {})
+        cells = [f"{z[k]:.1f}" if isinstance(z.get(k), (int, float)) else "–" for k, _ in keys]
+        wall = meta.get("wall_seconds", {}).get("total")
+        t.add_row(str(seed), *cells, f"{meta.get('logit_scale', float('nan')):.1f}", f"{wall or 0:.0f}")
+    return t
+
+
+def pretrain(
+    config: Path | None = typer.Option(None, "--config", "-c", help="bench YAML (its `pretrain:` section)"),
+    seeds: str | None = typer.Option(None, help="pretraining seeds, e.g. 0,1 (default: the config's)"),
+    split: str = typer.Option("val", help="zero-shot figures of the val or test splits"),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="default .cache/bench"),
+    threads: int = typer.Option(2, help="torch threads"),
+    force: bool = typer.Option(False, "--force", help="pretrain again even if cached"),
+) -> None:
+    """Make (or reuse) the benchmark's zero-shot model(s) and print their zero-shot figures."""
+    if split not in ("val", "test"):
+        raise typer.BadParameter("must be val or test", param_hint="--split")
+    try:
+        from trainer.bench.pretrain import get_pretrained, read_meta
+        from trainer.bench.suite import load_bench_config
+
+        cfg = load_bench_config(config, pretrain_seeds=_ints(seeds, "--seeds"), cache_dir=cache_dir)
+        rows = []
+        for seed in cfg.pretrain_seeds:
+            pcfg = cfg.pretrain.model_copy(update={"seed": seed})
+            run_dir = get_pretrained(pcfg, cfg.cache_dir, threads=threads, progress=True, force=force)
+            rows.append((seed, run_dir, read_meta(run_dir)))
+    except _user_errors() as e:
+        _fail(str(e))
+    out.print(_zero_shot_table(rows, split))
+    for seed, run_dir, _ in rows:
+        out.print(f"seed {seed}: {run_dir}", markup=False, highlight=False)
+
+
+def _report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    from trainer.bench.report import write_report
+
+    paths = write_report(results, out_dir, console=out)
+    for name, p in paths.items():
+        err.print(f"{name}: {p}", highlight=False)
+    return paths
+
+
+def _run_ravl(config: Path | None, split: str, out_dir: Path | None, threads: int) -> None:
+    try:
+        from trainer.bench import ravl_suite
+    except ImportError:
+        _fail("the ravl suite (trainer.bench.ravl_suite) is not installed")
+    run = getattr(ravl_suite, "run_ravl_suite", None)
+    if run is None:
+        _fail("trainer.bench.ravl_suite has no run_ravl_suite")
+    try:
+        from trainer.config import read_yaml
+
+        data = read_yaml(config) if config else {}
+        data.update(split=split, threads=threads)
+        if out_dir is not None:
+            data["out_dir"] = str(out_dir)
+        results = run(ravl_suite.RavlSuiteConfig.model_validate(data))
+    except _user_errors() as e:
+        _fail(str(e))
+    show = getattr(ravl_suite, "print_results", None)
+    if show is not None:
+        show(results, out)
+
+
+def bench(
+    config: Path | None = typer.Option(None, "--config", "-c", help="bench YAML (BenchConfig keys)"),
+    split: str = typer.Option("val", help="val (tune here) | test (once per setting)"),
+    suite: str = typer.Option("starft", help="starft | ravl"),
+    out_dir: Path | None = typer.Option(None, "--out", help="output folder (default: the config's out)"),
+    rows: str | None = typer.Option(None, help="comma-separated rows (default: all)"),
+    seeds: str | None = typer.Option(None, help="fine-tuning seeds, e.g. 0,1,2"),
+    pretrain_seeds: str | None = typer.Option(None, "--pretrain-seeds", help="e.g. 0,1"),
+    lam: float | None = typer.Option(None, help="λ of the regulariser"),
+    kl_scale: float | None = typer.Option(None, "--kl-scale", help="logit scale in the KL"),
+    lr: float | None = typer.Option(None, help="fine-tuning lr"),
+    steps: int | None = typer.Option(None, help="fine-tuning steps"),
+    bank: str | None = typer.Option(None, help="reviewed bank (default: latest with approved backgrounds)"),
+    threads: int = typer.Option(2, help="torch threads"),
+) -> None:
+    """Run the benchmark: every row x pretraining seed x fine-tuning seed; table, report.md/json, plot.png."""
+    if split not in ("val", "test"):
+        raise typer.BadParameter("must be val or test", param_hint="--split")
+    if suite not in ("starft", "ravl"):
+        raise typer.BadParameter("must be starft or ravl", param_hint="--suite")
+    if suite == "ravl":
+        _run_ravl(config, split, out_dir, threads)
+        return
+    try:
+        from trainer.bench.suite import load_bench_config, run_bench
+
+        cfg = load_bench_config(
+            config,
+            split=split,
+            out=str(out_dir) if out_dir else None,
+            rows=_words(rows),
+            seeds=_ints(seeds, "--seeds"),
+            pretrain_seeds=_ints(pretrain_seeds, "--pretrain-seeds"),
+            lam=lam,
+            kl_scale=kl_scale,
+            lr=lr,
+            steps=steps,
+            bank=bank,
+            threads=threads,
+        )
+        results = run_bench(cfg)
+    except _user_errors() as e:
+        _fail(str(e))
+    _report(results, Path(cfg.out))
+
+
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="output folder"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="bench YAML (default settings otherwise)"
+    ),
+    seeds: str = typer.Option("0", help="fine-tuning seeds (1-2 fit in 15 minutes)"),
+    split: str = typer.Option("val", help="val | test (settings are fixed; tune with `bench --split val`)"),
+    threads: int = typer.Option(2, help="torch threads"),
+) -> None:
+    """The main job: reviewed bank, cached zero-shot model, flyp and starft fine-tuned; table and plot."""
+    if split not in ("val", "test"):
+        raise typer.BadParameter("must be val or test", param_hint="--split")
+    t0 = time.time()
+    try:
+        from trainer.bench.suite import find_reviewed_bank, load_bench_config, run_bench
+
+        base = load_bench_config(config)
+        bank = base.bank or str(find_reviewed_bank(base.banks_dir, tuple(base.concepts)))
+        err.print(f"reviewed bank: {bank}", highlight=False)
+        cfg = load_bench_config(
+            config,
+            out=str(out_dir),
+            rows=["zeroshot", "flyp", "starft", "wise_flyp"],
+            pretrain_seeds=base.pretrain_seeds[:1],
+            seeds=_ints(seeds, "--seeds"),
+            split=split,
+            bank=bank,
+            threads=threads,
+        )
+        results = run_bench(cfg)
+    except _user_errors() as e:
+        _fail(str(e))
+    _report(results, out_dir)
+    err.print(f"demo finished in {time.time() - t0:.0f} s", highlight=False)
+
+
+__all__ = ["bench", "demo", "pretrain"]
