@@ -67,7 +67,7 @@ def test_tiny_bench_runs_every_row_and_writes_results(tiny_results):
 
 
 def test_tiny_bench_report_files(tiny_results, tmp_path):
-    cfg, results = tiny_results
+    _, results = tiny_results
     paths = write_report(results, tmp_path)
     md = paths["markdown"].read_text()
     for row in ("zeroshot", "flyp", "starft", "wise_starft"):

@@ -6,6 +6,8 @@ Plain functions with typer.Option defaults, so trainer/cli.py decides where they
 config, calls one library function, prints with rich: tables to stdout, progress and notes to stderr.
 """
 
+# ruff: noqa: B008  -- typer.Option defaults are how these functions declare their options (registered in trainer/cli.py)
+
 from __future__ import annotations
 
 import time

@@ -141,7 +141,6 @@ def write_oracle_bank(world: WorldConfig, cache_dir: str | Path) -> Path:
     """A bank of the world's true background phrases (manual, approved), in the cache dir; reused if present."""
     from descgen.bank import BankDoc
     from descgen.schema import Concept, Descriptor, make_template, slug
-
     from trainer.bench.vocab import scene_for
 
     bgs = world.pretrain_backgrounds
