@@ -66,7 +66,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 m, s = _mean_std(xs)
                 cells[col] = {"mean": round(m, 2), "std": round(s, 2), "n": len(xs)}
         secs = [r["seconds"] for r in records if r["row"] == row and r.get("seconds") is not None]
-        table[row] = {"cells": cells, "seconds": round(sum(secs) / len(secs), 1) if secs else None}
+        cpu = [r["cpu_seconds"] for r in records if r["row"] == row and r.get("cpu_seconds") is not None]
+        table[row] = {
+            "cells": cells,
+            "seconds": round(sum(secs) / len(secs), 1) if secs else None,
+            "cpu_seconds": round(sum(cpu) / len(cpu), 1) if cpu else None,
+        }
     tests: dict[str, dict[str, Any]] = {}
     if "starft" in table:
         for other in COMPARE:
@@ -104,14 +109,15 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"Split: {summary['split']}; mean ± std over every run of a row (n = runs).",
         "",
-        "| row | n | " + " | ".join(HEADERS[c] for c in cols) + " | s/run |",
-        "|---|---|" + "---|" * len(cols) + "---|",
+        "| row | n | " + " | ".join(HEADERS[c] for c in cols) + " | wall s/run | CPU s/run |",
+        "|---|---|" + "---|" * len(cols) + "---|---|",
     ]
     for row, r in summary["rows"].items():
         n = max((c["n"] for c in r["cells"].values()), default=0)
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        cpu = "" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}"
         lines.append(
-            f"| {row} | {n} | " + " | ".join(_cell(r["cells"].get(c)) for c in cols) + f" | {secs} |"
+            f"| {row} | {n} | " + " | ".join(_cell(r["cells"].get(c)) for c in cols) + f" | {secs} | {cpu} |"
         )
     if summary["welch_starft_vs"]:
         lines += [

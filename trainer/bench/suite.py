@@ -262,28 +262,29 @@ def metrics_row(final: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float]:
-    """Train one row (or reuse its finished run dir); returns (run dir, metrics.json, seconds of this call)."""
+def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float, float]:
+    """Train one row (or reuse its finished run dir); returns (run dir, metrics.json, wall s, CPU s of this call)."""
     from trainer.config import build_config
     from trainer.train import train
 
     run_dir = Path(config["runs_dir"]) / config["name"]
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     if not (run_dir / "metrics.json").is_file():
         if run_dir.exists():  # an interrupted run of ours: start it again
             shutil.rmtree(run_dir)
         run_dir = train(build_config(config))
-    return run_dir, json.loads((run_dir / "metrics.json").read_text()), time.time() - t0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return run_dir, metrics, time.time() - t0, time.process_time() - c0
 
 
-def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float]:
+def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float, float]:
     from trainer.wise import wise
 
     out = run_dir / "wise" / f"alpha-{alpha:g}"
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     if not (out / "metrics.json").is_file():
         out = wise(run_dir, alpha)
-    return out, json.loads((out / "metrics.json").read_text()), time.time() - t0
+    return out, json.loads((out / "metrics.json").read_text()), time.time() - t0, time.process_time() - c0
 
 
 def _say(cfg: BenchConfig, text: str) -> None:
@@ -354,7 +355,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         runs_dir = out / cfg.split / f"p{pseed}"
 
         def record(
-            row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, pseed: int = pseed
+            row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, cpu: float, pseed: int = pseed
         ) -> None:
             nonlocal job
             job += 1
@@ -364,7 +365,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "seed": seed,
                 "split": cfg.split,
                 "run_dir": str(run_dir),
-                "seconds": round(seconds, 1),
+                "seconds": round(
+                    seconds, 1
+                ),  # wall time of this call (about 0 when a finished run is reused)
+                "cpu_seconds": round(
+                    cpu, 1
+                ),  # process CPU time, all threads: wall on an idle machine ~ cpu/threads
                 "train_seconds": metrics.get("seconds"),
                 "metrics": metrics_row(metrics["final"]),
             }
@@ -384,10 +390,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             done: dict[str, Path] = {}
             for row in train_rows:
                 c = row_config(cfg, row, seed, model_dir, json.loads(json.dumps(data)), banks, runs_dir)
-                run_dir, metrics, secs = _run_train(c)
+                run_dir, metrics, secs, cpu = _run_train(c)
                 done[row] = run_dir
                 if row in rows:
-                    record(row, seed, run_dir, metrics, secs)
+                    record(row, seed, run_dir, metrics, secs, cpu)
             for w, base in WISE_ROWS.items():
                 if w in rows:
                     record(w, seed, *_run_wise(done[base], cfg.wise_alpha))
