@@ -182,6 +182,7 @@ TEX, LIT, WEA, VIEW = (_rules(n) for n in ("texture", "lighting", "weather", "vi
         ("at the edge", VIEW, qc.OFF_CONCEPT),
         ("in the distance", VIEW, qc.OFF_CONCEPT),  # viewpoint starts: from, up, close, ...
         ("at the back", VIEW, qc.OFF_CONCEPT),
+        ("up the scale", VIEW, qc.OFF_CONCEPT),  # "up ..." drifted into chatter; "up" is no start
         ("from a perspective", VIEW, qc.VAGUE),
         ("from the vantage point", VIEW, qc.VAGUE),
         # a suffix ending in an adjective has lost its noun
