@@ -121,3 +121,52 @@ def test_identical_captions_are_not_negatives():
 def test_image_size_must_suit_the_image_tower():
     with pytest.raises(ValueError, match="image_size"):
         pretrain_mod.model_config(PretrainConfig(world=WorldConfig(image_size=48)))
+
+
+def test_describes_marks_true_descriptions_only():
+    from trainer.bench.pretrain import describes
+
+    records = [
+        {"digit": 5, "background": "snow"},
+        {"digit": 6, "background": "snow"},
+        {"digit": -1, "background": "beach"},
+    ]
+    contents = [
+        {"object": True, "digit": 5, "scene": "snow"},  # "a five in the snow"
+        {"object": True, "digit": None, "scene": None},  # "a digit."
+        {"object": False, "digit": None, "scene": "beach"},  # "the beach."
+    ]
+    d = describes(contents, records).tolist()
+    assert d == [[True, True, False], [False, True, False], [False, False, True]]
+
+
+def test_caption_content_matches_the_caption():
+    from trainer.bench.vocab import make_caption
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c: dict = {}
+        cap = make_caption(rng, digit=7, name="seven", named=True, background="snow", style="normal", content=c)
+        assert (c["digit"] == 7) == ("seven" in cap or "7" in cap)
+        if c["scene"] is None:
+            assert not any(w in cap for w in ("snow", "winter", "wintry"))
+
+
+def test_bn_recalibration_uses_mixed_batches():
+    from trainer.bench.pretrain import recalibrate_bn
+
+    bn = torch.nn.BatchNorm2d(3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def encode_image(self, x):
+            return self.bn(x)
+
+    images = torch.full((64, 3, 4, 4), 255, dtype=torch.uint8)
+    recalibrate_bn(M(), images, batches=2, batch_size=8, seed=0)
+    expect = (1.0 - torch.tensor(pretrain_mod.MEAN)) / torch.tensor(pretrain_mod.STD)
+    assert torch.allclose(bn.running_mean, expect, atol=1e-5)
+    assert bn.momentum == 0.1

@@ -10,8 +10,13 @@ works as well. Load it with `load_pretrained(run_dir)`.
 The logit scale is not learned: a learned scale drifts low on this world's near-duplicate captions
 (prototypes ended at ~13), which makes a distillation teacher flat. The loss uses a scale ramped from 10 to
 100 over the first half of training, then CLIP's 100; the saved model's `logit_scale` is 100.
-Identical captions in a batch count as positives of each other, and each batch draws its images from a few
-background types, so that captions in a batch differ by their object and the image tower learns glyphs.
+Positives: every caption in the batch that truly describes an image (names its digit or a loose object,
+its scene, or both) counts as a positive of it, not only its own caption. Batches: most draw their images
+from one background type, so captions in a batch differ by their object and the image tower must learn
+glyphs (with all scenes mixed, or 2-3 per batch, it learns scenes alone: the batch-norm image tower reads
+the background first); every `mixed_every`-th batch mixes all backgrounds, so scene words and the task-B
+class-background bias are learned too. Batch-norm statistics are recomputed on mixed batches before the
+model is evaluated and saved (running statistics of one-background batches do not fit mixed data).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.bench.vocab import NUMBER_WORDS, caption_vocabulary
 from trainer.bench.world import SplitData, WorldConfig, build_split, pretrain_caption, typical_for
 
-PRETRAIN_VERSION = 4  # bump when the recipe changes, so caches are not reused
+PRETRAIN_VERSION = 5  # bump when the recipe changes, so caches are not reused
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPLATES = ("a photo of a {}.",)  # the fine-tuning caption form; zero-shot head prompts
@@ -47,7 +54,12 @@ class PretrainConfig(BaseModel):
     seed: int = 0  # pretraining seed (init, batch order, caption sampling); the world has its own
     embed_dim: int = 128
     vision_width: int = 16  # ModifiedResNet stem width; feature dim = 32 x width
-    vision_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+    vision_layers: tuple[int, int, int, int] | int = (1, 1, 1, 1)  # an int with vision_patch_size: ViT depth
+    vision_patch_size: int | None = Field(
+        None, description="None: ModifiedResNet image tower; an int: ViT with this patch size (LayerNorm, no BN)"
+    )
+    vision_head_width: int = 64
+    vision_mlp_ratio: float = 4.0
     text_width: int = 64
     text_heads: int = 4
     text_layers: int = 2
@@ -61,7 +73,20 @@ class PretrainConfig(BaseModel):
     logit_scale_start: float = 10.0  # ramped geometrically to logit_scale over the first logit_ramp of steps
     logit_ramp: float = 0.5  # fraction of steps; 0 = logit_scale from the start
     batch_backgrounds: int = Field(
-        3, description="each batch draws its images from this many background types (0 = from all)"
+        1, description="each batch draws its images from this many background types (0 = from all)"
+    )
+    mixed_every: int = Field(
+        3, description="every n-th batch draws from all backgrounds instead (scene contrast; 0 = never)"
+    )
+    positives: Literal["describes", "identical"] = Field(
+        "describes",
+        description="positives of an image: every caption in the batch that truly describes it (its named "
+        "digit or a loose object, its scene), or only identical captions",
+    )
+    bn_recalibrate: int = Field(
+        16,
+        description="batches of mixed backgrounds whose batch-norm statistics replace the running ones before "
+        "evaluation and saving (training batches from few backgrounds skew them); 0 = keep",
     )
     eval_every: int = 0  # steps between validation zero-shot checks; 0 = only at the end
 
@@ -80,20 +105,34 @@ class PretrainConfig(BaseModel):
 
 def model_config(cfg: PretrainConfig) -> dict[str, Any]:
     """The open_clip model config (the content of model.json)."""
-    if cfg.world.image_size % 32:
+    if cfg.vision_patch_size:
+        if cfg.world.image_size % cfg.vision_patch_size:
+            raise ValueError(f"image_size {cfg.world.image_size} is not a multiple of the patch size")
+        layers = cfg.vision_layers if isinstance(cfg.vision_layers, int) else sum(cfg.vision_layers)
+        vision_cfg = {
+            "image_size": cfg.world.image_size,
+            "layers": layers,
+            "width": cfg.vision_width,
+            "head_width": cfg.vision_head_width,
+            "mlp_ratio": cfg.vision_mlp_ratio,
+            "patch_size": cfg.vision_patch_size,
+        }
+    elif cfg.world.image_size % 32:
         raise ValueError(
             f"the ModifiedResNet image tower needs image_size % 32 == 0, got {cfg.world.image_size}"
         )
-    return {
-        "embed_dim": cfg.embed_dim,
-        "init_logit_scale": math.log(cfg.logit_scale),
-        "vision_cfg": {
+    else:
+        vision_cfg = {
             "image_size": cfg.world.image_size,
             "layers": list(cfg.vision_layers),
             "width": cfg.vision_width,
-            "head_width": 64,
+            "head_width": cfg.vision_head_width,
             "patch_size": None,
-        },
+        }
+    return {
+        "embed_dim": cfg.embed_dim,
+        "init_logit_scale": math.log(cfg.logit_scale),
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "context_length": cfg.context_length,
             "vocab_size": 49408,  # open_clip's SimpleTokenizer (as "ViT-B-32")
@@ -127,18 +166,35 @@ def multi_positive_clip_loss(
     logit_scale: float | torch.Tensor,
     same: torch.Tensor,
 ) -> torch.Tensor:
-    """Symmetric CLIP loss where `same[i, j]` marks caption j as a positive of image i (and vice versa).
+    """Symmetric CLIP loss where `same[i, j]` marks caption j as a positive of image i (and image i as one of
+    caption j).
 
     Args:
         image_features: (B, D) normalised.
         text_features: (B, D) normalised.
-        same: (B, B) bool, symmetric, with a true diagonal (identical captions).
+        same: (B, B) bool with a true diagonal (identical captions, or captions that describe the image;
+            need not be symmetric).
     """
     logits = logit_scale * image_features @ text_features.T
-    target = same.float() / same.float().sum(1, keepdim=True)
-    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    same = same.float()
+    target_i = same / same.sum(1, keepdim=True)
+    target_t = same.T / same.T.sum(1, keepdim=True)
+    loss_i = -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return (loss_i + loss_t) / 2
+
+
+def describes(contents: list[dict], records: list[dict]) -> torch.Tensor:
+    """(B, B) bool: caption j (stated `contents[j]`) is a true description of image i (`records[i]`)."""
+    digit = torch.tensor([r["digit"] for r in records])
+    bg_ix = {b: k for k, b in enumerate(sorted({r["background"] for r in records}))}
+    bg = torch.tensor([bg_ix[r["background"]] for r in records])
+    c_obj = torch.tensor([c["object"] for c in contents])
+    c_digit = torch.tensor([-2 if c["digit"] is None else c["digit"] for c in contents])
+    c_bg = torch.tensor([-1 if c["scene"] is None else bg_ix.get(c["scene"], -3) for c in contents])
+    obj_ok = ~c_obj[None, :] | ((digit[:, None] >= 0) & ((c_digit[None, :] == -2) | (c_digit[None, :] == digit[:, None])))
+    bg_ok = (c_bg[None, :] == -1) | (c_bg[None, :] == bg[:, None])
+    return obj_ok & bg_ok
 
 
 # --- zero-shot evaluation -------------------------------------------------------------------------------
@@ -242,6 +298,29 @@ def summary(reports: dict) -> dict[str, float]:
 
 
 # --- pretraining ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, batches: int, batch_size: int, seed: int) -> None:
+    """Recompute batch-norm running statistics on `batches` random batches of uint8 `images` (N, 3, H, W)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for _ in range(batches):
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        model.encode_image((images[idx].float().div_(255) - mean) / std)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -348,7 +427,8 @@ def pretrain(
         task = bar.add_task("pretrain zero-shot model", total=cfg.steps, info="")
         loss_m = None
         for step in range(cfg.steps):
-            if cfg.batch_backgrounds:
+            mixed = cfg.mixed_every and step % cfg.mixed_every == cfg.mixed_every - 1
+            if cfg.batch_backgrounds and not mixed:
                 k = min(cfg.batch_backgrounds, len(by_bg))
                 pool = torch.cat([by_bg[j] for j in torch.multinomial(bg_weight, k, generator=gen).tolist()])
                 idx = pool[torch.randperm(len(pool), generator=gen)[: cfg.batch_size]]
@@ -358,9 +438,14 @@ def pretrain(
                 idx = order[pos : pos + cfg.batch_size]
                 pos += cfg.batch_size
             x = (images[idx].float().div_(255) - mean) / std
-            captions = [pretrain_caption(world, cap_rng, records[i]) for i in idx.tolist()]
+            contents = [{} for _ in range(len(idx))]
+            captions = [
+                pretrain_caption(world, cap_rng, records[i], c) for i, c in zip(idx.tolist(), contents)
+            ]
             tokens = tokenizer(captions)
             same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
+            if cfg.positives == "describes":
+                same = same | describes(contents, [records[i] for i in idx.tolist()])
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             img_f = F.normalize(model.encode_image(x), dim=-1)
@@ -381,6 +466,7 @@ def pretrain(
                     }
                 )
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                recalibrate_bn(model, images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed + step)
                 s = summary(evaluate_zero_shot(model, tokenizer, world, "val", ("a", "b_groups")))
                 history[-1]["val"] = s
                 print(f"step {step + 1}: {s}", file=sys.stderr, flush=True)
@@ -394,6 +480,7 @@ def pretrain(
         t_train = time.time() - t0 - t_data
 
         task = bar.add_task("zero-shot evaluation", total=2, info="")
+        recalibrate_bn(model, images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed + cfg.steps)
         model.eval()
         reports = {}
         for variant in ("val", "test"):

@@ -303,6 +303,7 @@ def make_caption(
     background: str,
     style: str,
     mention_probs: tuple[float, float, float] = (0.55, 0.3, 0.15),
+    content: dict | None = None,
 ) -> str:
     """Sample one pretraining caption for an image.
 
@@ -313,6 +314,8 @@ def make_caption(
         background: background type (a key of SCENES).
         style: "normal" or "sketch".
         mention_probs: probabilities of mentioning (object + background, object only, background only).
+        content: if given, filled with what the caption states: "object" (True when it mentions one),
+            "digit" (the named digit, or None when loose or absent), "scene" (background or None).
     """
     scene = SCENES[background]
     kinds = SKETCH_WORDS if style == "sketch" and rng.random() < 0.85 else PHOTO_WORDS
@@ -326,6 +329,13 @@ def make_caption(
     else:
         obj = str(rng.choice(LOOSE_OBJECTS))
     template = str(rng.choice((TEMPLATES_OBJ_BG, TEMPLATES_OBJ, TEMPLATES_BG)[what]))
+    if content is not None:
+        # "a {kind} of something {loc}." names no object: it is a scene-only caption like the others of its group
+        content.update(
+            object=what < 2,
+            digit=digit if what < 2 and digit is not None and named else None,
+            scene=background if what != 1 else None,
+        )
     return template.format(
         obj=obj,
         kind=kind,

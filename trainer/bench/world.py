@@ -370,8 +370,13 @@ def build_split(cfg: WorldConfig, name: str) -> SplitData:
     )
 
 
-def pretrain_caption(cfg: WorldConfig, rng: np.random.Generator, record: dict) -> str:
-    """Sample a caption for a pretraining image record (called anew each epoch by the pretrainer)."""
+def pretrain_caption(
+    cfg: WorldConfig, rng: np.random.Generator, record: dict, content: dict | None = None
+) -> str:
+    """Sample a caption for a pretraining image record (called anew each epoch by the pretrainer).
+
+    `content`, if given, is filled with what the caption states (see `vocab.make_caption`).
+    """
     d = record["digit"]
     return make_caption(
         rng,
@@ -381,6 +386,7 @@ def pretrain_caption(cfg: WorldConfig, rng: np.random.Generator, record: dict) -
         background=record["background"],
         style=record["style"],
         mention_probs=cfg.mention_probs,
+        content=content,
     )
 
 
