@@ -215,7 +215,7 @@ class RavlSuiteConfig(_Frozen):
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 10
-    ravl_lam: float = 0.8
+    ravl_lam: float = 0.9  # tuned on split=val (0.8, the paper's, vs 0.9); the trainer default stays 0.8
     ravl_tau: float = 0.07
     region_mode: Literal["crop", "roi"] = "roi"
     gap_threshold: float = Field(
