@@ -84,6 +84,9 @@ def test_finished_runs_are_reused(tiny_results):
     first = next(r for r in results["records"] if r["row"] == "flyp")
     assert again["records"][0]["metrics"] == first["metrics"]
     assert again["records"][0]["seconds"] < 5
+    assert again["records"][0]["run_dir"] == first["run_dir"]
+    other = run_bench(cfg.model_copy(update={"rows": ["flyp"], "lr": 1e-4}))  # other settings: a new run
+    assert other["records"][0]["run_dir"] != first["run_dir"]
 
 
 def test_welch_t_and_summary():
@@ -132,7 +135,10 @@ def test_cli_bench_and_pretrain_reuse_the_tiny_runs(tiny_results, tmp_path):
     app.command()(bench)
     config = tmp_path / "bench.yaml"
     YAML(typ="safe", pure=True).dump(cfg.model_dump(mode="json"), config.open("w"))
-    res = CliRunner().invoke(app, ["bench", "-c", str(config), "--threads", "1", "--rows", "zeroshot,flyp"])
+    res = CliRunner().invoke(
+        app,
+        ["bench", "-c", str(config), "--threads", "1", "--rows", "zeroshot,flyp", "--set", "wise_alpha=0.4"],
+    )
     assert res.exit_code == 0, res.output
     assert "flyp" in res.stdout
     assert (Path(cfg.out) / "report.md").is_file() and (Path(cfg.out) / "plot.png").is_file()
@@ -141,3 +147,5 @@ def test_cli_bench_and_pretrain_reuse_the_tiny_runs(tiny_results, tmp_path):
     assert "zero-shot models" in res.stdout
     res = CliRunner().invoke(app, ["bench", "--split", "train"])
     assert res.exit_code == 2
+    res = CliRunner().invoke(app, ["bench", "-c", str(config), "--set", "lam=-1"])
+    assert res.exit_code == 1 and "lam" in res.output

@@ -151,6 +151,9 @@ def bench(
     lr: float | None = typer.Option(None, help="fine-tuning lr"),
     steps: int | None = typer.Option(None, help="fine-tuning steps"),
     bank: str | None = typer.Option(None, help="reviewed bank (default: latest with approved backgrounds)"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="any BenchConfig key=value, dotted, YAML value: pretrain.world.bias_p=0.8"
+    ),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Run the benchmark: every row x pretraining seed x fine-tuning seed; table, report.md/json, plot.png."""
@@ -166,6 +169,7 @@ def bench(
 
         cfg = load_bench_config(
             config,
+            set_,
             split=split,
             out=str(out_dir) if out_dir else None,
             rows=_words(rows),

@@ -267,6 +267,10 @@ def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float, flo
     from trainer.config import build_config
     from trainer.train import train
 
+    # The dir name carries the hash of the run's hyperparameters: a finished run is reused only when its
+    # settings are the same, so sweeps may share an output folder.
+    digest = build_config({**config, "name": None}).hash().removeprefix("sha256:")[:8]
+    config = {**config, "name": f"{config['name']}-{digest}"}
     run_dir = Path(config["runs_dir"]) / config["name"]
     t0, c0 = time.time(), time.process_time()
     if not (run_dir / "metrics.json").is_file():
@@ -416,11 +420,28 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def load_bench_config(path: str | Path | None, **overrides: Any) -> BenchConfig:
-    """A BenchConfig from a YAML file (or defaults) plus non-None keyword overrides."""
+def load_bench_config(
+    path: str | Path | None, sets: list[str] | None = None, **overrides: Any
+) -> BenchConfig:
+    """A BenchConfig from a YAML file (or defaults), `key=value` overrides (dotted keys, YAML values:
+    `pretrain.world.bias_p=0.8`), then non-None keyword overrides."""
+    from ruamel.yaml import YAML
+
     from trainer.config import read_yaml
+    from trainer.errors import ConfigError
 
     data = read_yaml(path) if path is not None else {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        node = data
+        *parents, last = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a mapping")
+        node[last] = YAML(typ="safe", pure=True).load(text)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig.model_validate(data)
 
