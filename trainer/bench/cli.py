@@ -195,6 +195,7 @@ def demo(
     ),
     seeds: str = typer.Option("0", help="fine-tuning seeds (1-2 fit in 15 minutes)"),
     split: str = typer.Option("val", help="val | test (settings are fixed; tune with `bench --split val`)"),
+    steps: int | None = typer.Option(None, help="fine-tuning steps (default: the config's, 300)"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """The main job: reviewed bank, cached zero-shot model, flyp and starft fine-tuned; table and plot."""
@@ -215,6 +216,7 @@ def demo(
             seeds=_ints(seeds, "--seeds"),
             split=split,
             bank=bank,
+            steps=steps,
             threads=threads,
         )
         results = run_bench(cfg)
