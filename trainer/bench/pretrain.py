@@ -64,8 +64,8 @@ class PretrainConfig(BaseModel):
     text_heads: int = 4
     text_layers: int = 2
     context_length: int = 24  # captions are <= 22 tokens; longer ones are cut
-    steps: int = 800
-    batch_size: int = 256
+    steps: int = 900
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
@@ -76,7 +76,7 @@ class PretrainConfig(BaseModel):
         1, description="each batch draws its images from this many background types (0 = from all)"
     )
     mixed_every: int = Field(
-        3, description="every n-th batch draws from all backgrounds instead (scene contrast; 0 = never)"
+        4, description="every n-th batch draws from all backgrounds instead (scene contrast; 0 = never)"
     )
     positives: Literal["describes", "identical"] = Field(
         "describes",

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from trainer.bench.backgrounds import RENDERERS, render_background
 from trainer.bench.vocab import NUMBER_WORDS, SCENES, make_caption
 
-WORLD_VERSION = 2  # bump when rendering or sampling changes, so caches are not reused
+WORLD_VERSION = 3  # bump when rendering or sampling changes, so caches are not reused
 
 SEEN_BACKGROUNDS = (
     "grass",
@@ -88,7 +88,7 @@ class WorldConfig(BaseModel):
         0.95, ge=0, le=1, description="P(typical background) in task-A fine-tune and ID data"
     )
     pretrain_bias_b: float = Field(
-        0.6, ge=0, le=1, description="P(typical background) of task B in pretraining"
+        0.4, ge=0, le=1, description="P(typical background) of task B in pretraining"
     )
     pretrain_bias_a: float | None = Field(None, description="same for task A in pretraining; None = uniform")
     a_name_prob: float = Field(
