@@ -146,7 +146,9 @@ def test_caption_content_matches_the_caption():
     rng = np.random.default_rng(0)
     for _ in range(200):
         c: dict = {}
-        cap = make_caption(rng, digit=7, name="seven", named=True, background="snow", style="normal", content=c)
+        cap = make_caption(
+            rng, digit=7, name="seven", named=True, background="snow", style="normal", content=c
+        )
         assert (c["digit"] == 7) == ("seven" in cap or "7" in cap)
         if c["scene"] is None:
             assert not any(w in cap for w in ("snow", "winter", "wintry"))
@@ -170,3 +172,21 @@ def test_bn_recalibration_uses_mixed_batches():
     expect = (1.0 - torch.tensor(pretrain_mod.MEAN)) / torch.tensor(pretrain_mod.STD)
     assert torch.allclose(bn.running_mean, expect, atol=1e-5)
     assert bn.momentum == 0.1
+
+
+def test_vit_image_tower_config_builds():
+    cfg = PretrainConfig(
+        world=WorldConfig(image_size=32),
+        vision_patch_size=4,
+        vision_layers=2,
+        vision_width=32,
+        vision_head_width=16,
+        embed_dim=32,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+    )
+    model, _tok = pretrain_mod.build_model(cfg)
+    assert pretrain_mod.model_config(cfg)["vision_cfg"]["patch_size"] == 4
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 32)

@@ -27,13 +27,11 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.bench.vocab import NUMBER_WORDS, caption_vocabulary
@@ -56,7 +54,8 @@ class PretrainConfig(BaseModel):
     vision_width: int = 16  # ModifiedResNet stem width; feature dim = 32 x width
     vision_layers: tuple[int, int, int, int] | int = (1, 1, 1, 1)  # an int with vision_patch_size: ViT depth
     vision_patch_size: int | None = Field(
-        None, description="None: ModifiedResNet image tower; an int: ViT with this patch size (LayerNorm, no BN)"
+        None,
+        description="None: ModifiedResNet image tower; an int: ViT with this patch size (LayerNorm, no BN)",
     )
     vision_head_width: int = 64
     vision_mlp_ratio: float = 4.0
@@ -192,7 +191,9 @@ def describes(contents: list[dict], records: list[dict]) -> torch.Tensor:
     c_obj = torch.tensor([c["object"] for c in contents])
     c_digit = torch.tensor([-2 if c["digit"] is None else c["digit"] for c in contents])
     c_bg = torch.tensor([-1 if c["scene"] is None else bg_ix.get(c["scene"], -3) for c in contents])
-    obj_ok = ~c_obj[None, :] | ((digit[:, None] >= 0) & ((c_digit[None, :] == -2) | (c_digit[None, :] == digit[:, None])))
+    obj_ok = ~c_obj[None, :] | (
+        (digit[:, None] >= 0) & ((c_digit[None, :] == -2) | (c_digit[None, :] == digit[:, None]))
+    )
     bg_ok = (c_bg[None, :] == -1) | (c_bg[None, :] == bg[:, None])
     return obj_ok & bg_ok
 
@@ -301,7 +302,9 @@ def summary(reports: dict) -> dict[str, float]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, batches: int, batch_size: int, seed: int) -> None:
+def recalibrate_bn(
+    model: torch.nn.Module, images: torch.Tensor, batches: int, batch_size: int, seed: int
+) -> None:
     """Recompute batch-norm running statistics on `batches` random batches of uint8 `images` (N, 3, H, W)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or batches <= 0:
