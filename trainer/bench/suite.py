@@ -93,7 +93,11 @@ class BenchConfig(BaseModel):
     concepts: list[str] = Field(["background"], min_length=1)
     wise_alpha: float = Field(0.5, ge=0, le=1)
     # --- runtime ---
-    out: str = Field("runs/bench", description="run dirs, results.json, report files")
+    out: str = Field("runs/bench", description="results.json, report files (and run dirs unless runs_dir)")
+    runs_dir: str | None = Field(
+        None,
+        description="fine-tuning run dirs; None = <out>/<split>. Share one between sweeps: runs are reused",
+    )
     cache_dir: str = Field(".cache/bench", description="world splits, zero-shot models, oracle bank")
     threads: int = Field(2, gt=0)
     progress: bool = True
@@ -356,7 +360,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         pretrain_seconds[str(pseed)] = round(time.time() - t0, 1)
         meta = read_meta(model_dir)
         zero_shot[str(pseed)] = {"dir": str(model_dir), "summary": meta.get("zero_shot", {}).get(cfg.split)}
-        runs_dir = out / cfg.split / f"p{pseed}"
+        runs_dir = (Path(cfg.runs_dir) if cfg.runs_dir else out / cfg.split) / f"p{pseed}"
 
         def record(
             row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, cpu: float, pseed: int = pseed
