@@ -349,7 +349,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     zero_shot: dict[str, Any] = {}
     pretrain_seconds: dict[str, float] = {}
     n_jobs = len(cfg.pretrain_seeds) * (
-        ("zeroshot" in rows) + len(cfg.seeds) * (len(train_rows) + sum(w in rows for w in WISE_ROWS))
+        ("zeroshot" in rows) + len(cfg.seeds) * sum(r != "zeroshot" for r in rows)
     )
     job = 0
     for pseed in cfg.pretrain_seeds:
