@@ -26,11 +26,14 @@ test: install
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# The main job: reviewed bank -> cached zero-shot model -> flyp and starft fine-tuned -> table + plot.
 demo: install
+	$(VENV)/bin/descgen validate $$(ls banks/v*.yaml | sort -V | tail -n 1)
 	$(VENV)/bin/trainer demo --threads $(THREADS)
 
+# The fuller benchmark: every row, several pretraining and fine-tuning seeds (hours on 2 CPU cores).
 bench: install
-	$(PY) -m trainer.benchmarks
+	$(VENV)/bin/trainer bench --threads $(THREADS)
 
 lint: install
 	$(VENV)/bin/ruff check descgen trainer tests

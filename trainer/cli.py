@@ -1,7 +1,7 @@
-"""The `trainer` command line: thin typer commands over trainer.train / trainer.wise.
+"""The `trainer` command line: thin typer commands over trainer.train / wise / discover / bench.
 
-trainer run --config configs/tiny.yaml --bank banks/v2.yaml --method starft --set lr=1e-4
-accelerate launch --num_processes 2 -m trainer.cli run --config configs/imagenet-vitb16.yaml
+trainer run --config configs/example-csv.yaml --bank banks/v47.yaml --method starft --set lr=1e-4
+accelerate launch --num_processes 8 -m trainer.cli run --config configs/imagenet-vitb16-starft.yaml
 """
 
 from __future__ import annotations
@@ -160,6 +160,14 @@ def discover(
     if res["bank"] is not None:
         err.print(f"bank: {res['bank']}", highlight=False)
     out.print(str(res["report_path"]), markup=False, highlight=False)
+
+
+# The benchmark's commands live with the benchmark; they hang on this app.
+from trainer.bench import cli as _bench  # noqa: E402
+
+app.command()(_bench.pretrain)
+app.command()(_bench.bench)
+app.command()(_bench.demo)
 
 
 if __name__ == "__main__":
