@@ -203,7 +203,9 @@ class TestConfig:
 
         # bench-*.yaml are `trainer bench` configs (BenchConfig), not run configs
         configs = sorted(
-            c for c in (Path(__file__).parents[1] / "configs").glob("*.yaml") if not c.name.startswith("bench")
+            c
+            for c in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+            if not c.name.startswith("bench")
         )
         assert configs
         for c in configs:

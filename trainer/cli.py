@@ -163,7 +163,7 @@ def discover(
 
 
 # The benchmark's commands live with the benchmark; they hang on this app.
-from trainer.bench import cli as _bench  # noqa: E402
+from trainer.bench import cli as _bench
 
 app.command()(_bench.pretrain)
 app.command()(_bench.bench)

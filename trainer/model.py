@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,14 @@ def build_clip(model: str, pretrained: str | None) -> tuple[nn.Module, Callable,
         Path(pretrained).suffix in WEIGHT_SUFFIXES or Path(pretrained).exists()
     )
     tag = None if (pretrained is None or is_file) else pretrained
+    if is_file:  # open_clip would warn "initialized randomly": the weights are loaded just below
+        logging.disable(logging.WARNING)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag)
     except RuntimeError as e:
         raise ConfigError(f"model {name}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     if is_file:
         load_weights(clip, pretrained)  # type: ignore[arg-type]
     return clip, preprocess, open_clip.get_tokenizer(name)
