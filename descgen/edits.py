@@ -14,7 +14,7 @@ from descgen.errors import DescgenError
 from descgen.generate import ConceptProposals, ExpandResult
 from descgen.prompts import Catalog
 from descgen.qc import near_key
-from descgen.schema import Concept, Descriptor, Form, make_template, slug
+from descgen.schema import Concept, Descriptor, Form, make_template, unique_id
 
 
 def existing_keys(doc: BankDoc, concept: str) -> dict[str, str]:
@@ -28,11 +28,7 @@ def add_expansion(doc: BankDoc, res: ExpandResult, form: Form, gid: str) -> list
     taken = {d.id for c in doc.bank.concepts for d in c.descriptors}
     new = []
     for cand in res.accepted:
-        base = f"{res.concept.replace(' ', '-')}.{slug(cand.text)}"
-        did, k = base, 2
-        while did in taken:
-            did, k = f"{base}-{k}", k + 1
-        taken.add(did)
+        did = unique_id(res.concept, cand.text, taken)
         new.append(
             Descriptor(
                 id=did,

@@ -39,6 +39,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "x"
 
 
+def unique_id(concept: str, phrase: str, taken: set[str]) -> str:
+    """A new descriptor id '<concept>.<slug>' not in `taken` (suffixed -2, -3, ...); adds it to `taken`."""
+    base = f"{slug(concept)}.{slug(phrase)}"
+    did, k = base, 2
+    while did in taken:
+        did, k = f"{base}-{k}", k + 1
+    taken.add(did)
+    return did
+
+
 def make_template(text: str, form: Form) -> str:
     """Build a descriptor template from a bare phrase and its form."""
     text = normalize_phrase(text)

@@ -25,9 +25,8 @@ from trainer.bench.pretrain import (
 from trainer.bench.world import WorldConfig, write_split
 
 
-@pytest.fixture(scope="module")
-def tiny_cfg() -> PretrainConfig:
-    world = WorldConfig(n_pretrain=96, n_a_train=40, n_eval=20, group_size=2)
+def tiny_pretrain_config(world: WorldConfig) -> PretrainConfig:
+    """A pretraining config small enough for a test (a few steps of a tiny model)."""
     return PretrainConfig(
         world=world,
         embed_dim=32,
@@ -39,6 +38,11 @@ def tiny_cfg() -> PretrainConfig:
         batch_size=32,
         warmup_steps=1,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> PretrainConfig:
+    return tiny_pretrain_config(WorldConfig(n_pretrain=96, n_a_train=40, n_eval=20, group_size=2))
 
 
 @pytest.fixture(scope="module")

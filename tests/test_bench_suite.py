@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.bench.pretrain import PretrainConfig
+from tests.test_bench_pretrain import tiny_pretrain_config
 from trainer.bench.report import summarize, welch_t, write_report
 from trainer.bench.suite import BenchConfig, bank_coverage, find_reviewed_bank, run_bench, write_oracle_bank
 from trainer.bench.world import WorldConfig
@@ -18,17 +18,7 @@ from trainer.bench.world import WorldConfig
 
 def tiny_bench(tmp_path, **fields) -> BenchConfig:
     world = WorldConfig(n_pretrain=96, n_a_train=64, n_eval=20, group_size=2)
-    pretrain = PretrainConfig(
-        world=world,
-        embed_dim=32,
-        vision_width=4,
-        text_width=32,
-        text_heads=2,
-        text_layers=1,
-        steps=3,
-        batch_size=32,
-        warmup_steps=1,
-    )
+    pretrain = tiny_pretrain_config(world)
     return BenchConfig(
         pretrain=pretrain,
         pretrain_seeds=[0],

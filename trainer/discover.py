@@ -658,7 +658,7 @@ def propose_to_bank(
     evidence attached instead of a duplicate. Returns the path of the new version.
     """
     from descgen.bank import BankDoc, _to_yaml
-    from descgen.schema import Concept, Descriptor, make_template, normalize_phrase, slug
+    from descgen.schema import Concept, Descriptor, make_template, normalize_phrase, unique_id
 
     concept = normalize_phrase(concept)
     doc = BankDoc.load(bank_path).derive()
@@ -716,11 +716,7 @@ def propose_to_bank(
                     node["evidence"] = _to_yaml(evidence)
             matched[f"feature-{f.rank + 1}"] = hit
             continue
-        base = f"{slug(concept)}.{slug(phrase)}"
-        did, n = base, 2
-        while did in ids:
-            did, n = f"{base}-{n}", n + 1
-        ids.add(did)
+        did = unique_id(concept, phrase, ids)
         doc.add_descriptors(
             concept,
             [
