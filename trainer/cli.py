@@ -11,9 +11,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, fail
 
 app = typer.Typer(
     help="Robust fine-tuning of open_clip models: StarFT and its baselines.",
@@ -23,11 +22,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)  # one line, however long
 out = Console(soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(Text.assemble(("Error: ", "bold red"), " ".join(str(message).split())))
-    raise typer.Exit(1)
 
 
 def _user_errors():
@@ -77,7 +71,7 @@ def run(
         )
         run_dir = train(cfg, resume=resume)
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -100,7 +94,7 @@ def wise(
 
         path = wise_fn(run_dir, alpha, checkpoint)  # type: ignore[arg-type]
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     out.print(str(path), markup=False, highlight=False)
 
 
@@ -155,7 +149,7 @@ def discover(
             console=err,  # type: ignore[arg-type]
         )
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     err.print(f"contact sheet: {res['sheet']}", highlight=False)
     if res["bank"] is not None:
         err.print(f"bank: {res['bank']}", highlight=False)

@@ -1,5 +1,7 @@
 """Errors trainer shows to users: a one-line message the CLI prints as `Error: ...` (exit 1)."""
 
+from typing import NoReturn
+
 
 class TrainerError(Exception):
     """Base of every error the CLI turns into a one-line message and exit code 1."""
@@ -15,3 +17,15 @@ class DataError(TrainerError):
 
 class RunDirError(TrainerError):
     """A run directory exists (without --resume) or cannot be resumed."""
+
+
+def fail(message: str) -> NoReturn:
+    """The CLIs' way out: `Error: <message>` as one line on stderr (whitespace folded), exit code 1."""
+    import typer
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(
+        Text.assemble(("Error: ", "bold red"), " ".join(str(message).split()))
+    )
+    raise typer.Exit(1)

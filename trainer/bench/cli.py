@@ -17,15 +17,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
+
+from trainer.errors import fail
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(Text.assemble(("Error: ", "bold red"), " ".join(str(message).split())))
-    raise typer.Exit(1)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -100,7 +96,7 @@ def pretrain(
             run_dir = get_pretrained(pcfg, cfg.cache_dir, threads=threads, progress=True, force=force)
             rows.append((seed, run_dir, read_meta(run_dir)))
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     out.print(_zero_shot_table(rows, split))
     for seed, run_dir, _ in rows:
         out.print(f"seed {seed}: {run_dir}", markup=False, highlight=False)
@@ -119,10 +115,10 @@ def _run_ravl(config: Path | None, split: str, out_dir: Path | None, threads: in
     try:
         from trainer.bench import ravl_suite
     except ImportError:
-        _fail("the ravl suite (trainer.bench.ravl_suite) is not installed")
+        fail("the ravl suite (trainer.bench.ravl_suite) is not installed")
     run = getattr(ravl_suite, "run_ravl_suite", None)
     if run is None:
-        _fail("trainer.bench.ravl_suite has no run_ravl_suite")
+        fail("trainer.bench.ravl_suite has no run_ravl_suite")
     try:
         from trainer.config import read_yaml
 
@@ -132,7 +128,7 @@ def _run_ravl(config: Path | None, split: str, out_dir: Path | None, threads: in
             data["out_dir"] = str(out_dir)
         results = run(ravl_suite.RavlSuiteConfig.model_validate(data))
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     show = getattr(ravl_suite, "print_results", None)
     if show is not None:
         show(results, out)
@@ -184,7 +180,7 @@ def bench(
         )
         results = run_bench(cfg)
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     _report(results, Path(cfg.out))
 
 
@@ -221,7 +217,7 @@ def demo(
         )
         results = run_bench(cfg)
     except _user_errors() as e:
-        _fail(str(e))
+        fail(str(e))
     _report(results, out_dir)
     err.print(f"demo finished in {time.time() - t0:.0f} s", highlight=False)
 
