@@ -139,3 +139,25 @@ def test_cli_bench_and_pretrain_reuse_the_tiny_runs(tiny_results, tmp_path):
     assert res.exit_code == 2
     res = CliRunner().invoke(app, ["bench", "-c", str(config), "--set", "lam=-1"])
     assert res.exit_code == 1 and "lam" in res.output
+
+
+def test_tower_swap_diagnostic(tiny_results):
+    from trainer.bench.towers import _bn_stats, _hybrid, tower_swap
+
+    _, results = tiny_results
+    rec = {r["row"]: r for r in results["records"]}
+    res = tower_swap(rec["flyp"]["run_dir"])
+    assert list(res) == [
+        "zero-shot",
+        "fine-tuned",
+        "ft image + zs text",
+        "zs image + ft text",
+        "fine-tuned, zs BN stats",
+    ]
+    for model, row in (("zero-shot", "zeroshot"), ("fine-tuned", "flyp")):  # the bench's own numbers
+        assert res[model]["ID"] == pytest.approx(rec[row]["metrics"]["id"], abs=0.05)
+        assert res[model]["B worst"] == pytest.approx(rec[row]["metrics"]["b_worst"], abs=0.05)
+    zs = {"visual.w": 0, "visual.bn.running_mean": 0, "text.w": 0, "logit_scale": 0}
+    ft = {k: 1 for k in zs}
+    assert _hybrid(ft, zs) == {"visual.w": 1, "visual.bn.running_mean": 1, "text.w": 0, "logit_scale": 0}
+    assert _bn_stats(zs, ft) == {"visual.w": 1, "visual.bn.running_mean": 0, "text.w": 1, "logit_scale": 1}
