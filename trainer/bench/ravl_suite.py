@@ -202,7 +202,9 @@ class RavlSuiteConfig(_Frozen):
     split: Literal["val", "test"] = "test"
     classes: tuple[int, ...] = Field((3, 8), description="spurious classes (the rectangle co-occurs with)")
     strengths: tuple[float, ...] = Field(
-        (0.9,), description="s: rectangle in (1+s)/2 of the class, (1-s)/2 of others"
+        (0.95,),
+        description="s: rectangle in (1+s)/2 of the class, (1-s)/2 of others (0.9 was too weak for the model"
+        " to learn the shortcut on the other classes' side: 1 of 6 test settings)",
     )
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[Literal["flyp", "ravl", "upsampled", "ravl_crop"], ...] = Field(
@@ -210,12 +212,14 @@ class RavlSuiteConfig(_Frozen):
     )
     n_train: int = 2000
     n_discover: int = 600  # unbiased, held-out digits: discovery set
-    n_test: int = 1000  # unbiased, held-out digits: mitigation metrics
+    n_test: int = 4000  # unbiased, held-out digits: mitigation metrics (200 a group)
     steps: int = 150
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 10
-    ravl_lam: float = 0.9  # tuned on split=val (0.8, the paper's, vs 0.9); the trainer default stays 0.8
+    ravl_lam: float = (
+        0.5  # tuned on split=val at s=0.95 (0.5 vs the paper's 0.8); the trainer default stays 0.8
+    )
     ravl_tau: float = 0.07
     region_mode: Literal["crop", "roi"] = "roi"
     gap_threshold: float = Field(
