@@ -167,3 +167,22 @@ def test_all_splits_are_known():
     assert {"pretrain", "a_train", "a_val", "a_test", "b_groups_test", "b_plain_val", "a_unseen_test"} <= set(
         SPLITS
     )
+
+
+def _write_in_child(args) -> str:
+    cfg, root = args
+    return str(write_split(WorldConfig.model_validate(cfg), "a_test", root))
+
+
+def test_two_processes_can_write_the_same_split(tiny_world, tmp_path):
+    import multiprocessing as mp
+
+    args = (tiny_world.model_dump(mode="json"), str(tmp_path))
+    with mp.get_context("spawn").Pool(2) as pool:
+        outs = pool.map(_write_in_child, [args, args])
+    assert outs[0] == outs[1]
+    out = write_split(tiny_world, "a_test", tmp_path)  # complete: reused, not rewritten
+    rows = _rows(out)
+    assert len(rows) == len(build_split(tiny_world, "a_test").labels)
+    assert all((out / r["path"]).is_file() for r in rows)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a_test"]  # no temp folder left behind

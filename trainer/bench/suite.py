@@ -73,8 +73,10 @@ class BenchConfig(BaseModel):
     # --- fine-tuning (every row) ---
     steps: int = Field(300, gt=0)
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    flyp_low_lr: float = Field(1e-4, gt=0, description="lr of the flyp_lowlr row (match starft's ID)")
+    lr: float = Field(
+        1.5e-5, gt=0, description="chosen on val: moderate forgetting (3e-4 collapsed every row's task B)"
+    )
+    flyp_low_lr: float = Field(1.3e-5, gt=0, description="lr of the flyp_lowlr row (match starft's ID)")
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(30, ge=0)
     freeze_logit_scale: bool = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -411,9 +412,10 @@ def write_split(cfg: WorldConfig, name: str, root: str | Path = ".cache/bench", 
     out = split_dir(cfg, name, root)
     if (out / "info.json").exists() and not force:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
+    if out.exists():  # incomplete (only complete folders are renamed into place) or forced
+        shutil.rmtree(out, ignore_errors=True)
+    # One temp folder per process: two benches (e.g. one per pretraining seed) may write the same split.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
@@ -441,7 +443,12 @@ def write_split(cfg: WorldConfig, name: str, root: str | Path = ".cache/bench", 
         "groups": counts,
     }
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process put the same split (same seed, same bytes) in place first
+        if not (out / "info.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 
