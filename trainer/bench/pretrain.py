@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -497,7 +498,9 @@ def pretrain(
     ]
     vocab = sorted(caption_vocabulary(world.pretrain_backgrounds, named))
     mcfg = model_config(cfg)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(
+        f"{out.name}.tmp-{os.getpid()}"
+    )  # per process: two benches may pretrain the same seed
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "model.json").write_text(json.dumps(mcfg, indent=2))
     (tmp / "open_clip_config.json").write_text(
@@ -527,11 +530,16 @@ def pretrain(
         "vocabulary": vocab,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        import shutil
+    import shutil
 
+    if out.exists() and (force or not (out / "meta.json").exists()):  # forced, or incomplete
         shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same model first (same seed): keep its copy
+        if not (out / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 
