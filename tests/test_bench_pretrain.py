@@ -194,3 +194,12 @@ def test_vit_image_tower_config_builds():
     assert pretrain_mod.model_config(cfg)["vision_cfg"]["patch_size"] == 4
     with torch.no_grad():
         assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_force_replaces_the_cached_model_and_leaves_no_temp_folder(tiny_cfg, tmp_path):
+    first = get_pretrained(tiny_cfg, tmp_path, threads=1, progress=False)
+    (first / "marker").write_text("old copy")
+    again = get_pretrained(tiny_cfg, tmp_path, threads=1, progress=False, force=True)
+    assert again == first and not (again / "marker").exists()
+    assert read_meta(again)["hash"] == tiny_cfg.hash()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
