@@ -161,3 +161,23 @@ def test_tower_swap_diagnostic(tiny_results):
     ft = {k: 1 for k in zs}
     assert _hybrid(ft, zs) == {"visual.w": 1, "visual.bn.running_mean": 1, "text.w": 0, "logit_scale": 0}
     assert _bn_stats(zs, ft) == {"visual.w": 1, "visual.bn.running_mean": 0, "text.w": 1, "logit_scale": 1}
+
+
+@pytest.mark.parametrize("bad", ["missing", "malformed"])
+def test_tower_swap_cli_bad_run_is_one_line(tmp_path, bad):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    if bad == "malformed":
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.safetensors").write_bytes(b"")
+        (run / "config.yaml").write_text("model: [\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.bench.towers", str(run)], check=False, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and str(run) in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

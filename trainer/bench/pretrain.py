@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -530,8 +531,6 @@ def pretrain(
         "vocabulary": vocab,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    import shutil
-
     if out.exists() and (force or not (out / "meta.json").exists()):  # forced, or incomplete
         shutil.rmtree(out)
     try:

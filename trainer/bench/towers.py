@@ -12,20 +12,22 @@ not a method.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-COLUMNS = {  # label -> (eval set name, metric)
-    "ID": ("a", "top1"),
-    "A sketch": ("a_sketch", "top1"),
-    "B worst": ("b_groups", "worst_group"),
-    "B avg": ("b_groups", "group_mean"),
-    "B plain": ("b_plain", "top1"),
-    "B sketch": ("b_sketch", "top1"),
+from trainer.bench.suite import COLUMNS as BENCH_COLUMNS
+
+LABELS = {
+    "ID": "id",
+    "A sketch": "a_sketch",
+    "B worst": "b_worst",
+    "B avg": "b_avg",
+    "B plain": "b_plain",
+    "B sketch": "b_sketch",
 }
+COLUMNS = {label: BENCH_COLUMNS[key] for label, key in LABELS.items()}  # label -> (eval set, metric)
 
 
 def _hybrid(
@@ -43,7 +45,7 @@ def _bn_stats(stats_from: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, float]]:
-    """{model: {column: value}} for zero-shot, fine-tuned, ft image + zs text, zs image + ft text."""
+    """{model: {column: value}} for zero-shot, fine-tuned, both hybrids, and fine-tuned with zero-shot BN stats."""
     from safetensors.torch import load_file
 
     from trainer.config import load_config
@@ -57,7 +59,6 @@ def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, flo
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
     zs = {k: v.clone() for k, v in clip.state_dict().items()}
     ft = load_file(str(run_dir / "checkpoints" / "last.safetensors"))
-    ft = {k.removeprefix("clip."): v for k, v in ft.items()}
     base = load_image_set(cfg.data.val, cfg.templates)
     sets = [base] + [load_image_set(s, cfg.templates, base.classes) for s in cfg.data.eval]
     loaders = make_eval_sets(sets, preprocess, cfg.eval_batch_size, None)
@@ -76,19 +77,21 @@ def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, flo
     return out
 
 
-def main(argv: list[str]) -> None:
+def main(runs: list[Path]) -> None:
+    """Tower-swap tables for finished trainer runs (their config.yaml and checkpoints/last.safetensors)."""
     from rich.console import Console
     from rich.table import Table
 
-    from trainer.errors import fail
+    from trainer.errors import TrainerError, fail
 
-    if not argv:
-        fail("usage: python -m trainer.bench.towers RUN_DIR [RUN_DIR ...]")
     console = Console()
-    for run in argv:
+    for run in runs:
         if not (Path(run) / "checkpoints" / "last.safetensors").is_file():
             fail(f"{run}: not a finished run (no checkpoints/last.safetensors)")
-        res: dict[str, Any] = tower_swap(run)
+        try:
+            res: dict[str, Any] = tower_swap(run)
+        except TrainerError as e:
+            fail(str(e))  # trainer errors name their file
         table = Table(title=str(run))
         table.add_column("model")
         cols = list(next(iter(res.values())))
@@ -100,4 +103,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import typer
+
+    typer.run(main)  # typer turns `fail`'s Exit into exit code 1 without a traceback
