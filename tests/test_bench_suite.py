@@ -93,6 +93,30 @@ def test_welch_t_and_summary():
     assert s["welch_starft_vs"]["flyp"]["id"]["diff"] == 4.0
 
 
+def test_paired_comparison_matches_runs_by_seeds():
+    from trainer.bench.report import markdown, paired_t
+
+    assert paired_t([1.0], [0.0]) is None
+    assert paired_t([2.0, 3.0], [1.0, 2.0]) == float("inf")  # every pair +1
+    assert paired_t([3.0, 2.0, 7.0], [1.0, 1.0, 1.0]) == pytest.approx(3.0 / (2.6458 / 3**0.5), rel=1e-4)
+    # Large between-seed spread, constant +1 within each seed: Welch sees nothing, the paired test sees it.
+    recs = [
+        {
+            "row": r,
+            "pretrain_seed": p,
+            "seed": sd,
+            "metrics": {"b_worst": base + (1.0 if r == "starft" else 0.0)},
+        }
+        for r in ("starft", "flyp")
+        for (p, sd), base in {(0, 0): 10.0, (0, 1): 50.0, (1, 0): 90.0}.items()
+    ]
+    recs.append({"row": "flyp", "pretrain_seed": 1, "seed": 1, "metrics": {"b_worst": 0.0}})  # no partner
+    s = summarize({"split": "test", "records": list(reversed(recs))})
+    assert abs(s["welch_starft_vs"]["flyp"]["b_worst"]["t"]) < 0.5
+    assert s["paired_starft_vs"]["flyp"]["b_worst"] == {"diff": 1.0, "t": "inf", "n": 3, "wins": 3}
+    assert "paired on (pretraining seed, fine-tuning seed)" in markdown(s) and "3/3" in markdown(s)
+
+
 def test_oracle_bank_and_reviewed_bank(tmp_path):
     from descgen.bank import load_bank
 
@@ -161,6 +185,51 @@ def test_tower_swap_diagnostic(tiny_results):
     ft = {k: 1 for k in zs}
     assert _hybrid(ft, zs) == {"visual.w": 1, "visual.bn.running_mean": 1, "text.w": 0, "logit_scale": 0}
     assert _bn_stats(zs, ft) == {"visual.w": 1, "visual.bn.running_mean": 0, "text.w": 1, "logit_scale": 1}
+
+
+def test_kl_drift_chain_rule_and_indistinct_descriptors():
+    import torch
+
+    from trainer.bench.towers import _descriptor_part, _kl
+
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 6, 4, 3
+    lp, lq = torch.randn(n, c * d, generator=g) * 3, torch.randn(n, c * d, generator=g) * 3
+    class_mask = torch.tensor([0, 1, 2, 3, 0, 1])[:, None] == torch.arange(c)[None, :]
+    mask = class_mask.repeat_interleave(d, 1)  # captions class-major, as kl_drift builds them
+    desc, entropy = _descriptor_part(lp, lq, class_mask, d)
+    marg_p, marg_q = lp.view(n, c, d).logsumexp(2), lq.view(n, c, d).logsumexp(2)
+    assert _kl(lp, lq, mask) == pytest.approx(_kl(marg_p, marg_q, class_mask) + desc, rel=1e-5)
+    assert desc > 0 and 0 < entropy < 1
+    # Descriptors that move no logit: the whole KL is the class part, and the teacher cannot tell them apart.
+    flat_p = torch.randn(n, c, generator=g).repeat_interleave(d, 1)
+    flat_q = torch.randn(n, c, generator=g).repeat_interleave(d, 1)
+    desc, entropy = _descriptor_part(flat_p, flat_q, class_mask, d)
+    assert desc == pytest.approx(0.0, abs=1e-6) and entropy == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_drift_of_a_run(tiny_results):
+    import subprocess
+    import sys
+
+    from trainer.bench.towers import kl_drift
+
+    _, results = tiny_results
+    run = next(r for r in results["records"] if r["row"] == "starft")["run_dir"]
+    res = kl_drift(run)
+    assert set(res) == {"a", "b_groups"}
+    for cells in res.values():
+        assert cells["star"] >= 0 and cells["head"] >= 0
+        assert 0 <= cells["star_descriptor"] <= cells["star"] + 1e-3
+        assert 0 < cells["teacher_descriptor_entropy"] <= 1 + 1e-6
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.bench.towers", "--no-towers", run],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "star A" in proc.stdout and "ft image + zs text" not in proc.stdout  # the KL table only
 
 
 @pytest.mark.parametrize("bad", ["missing", "malformed"])

@@ -45,8 +45,19 @@ def test_tiny_suite_runs_and_writes_results(tmp_path):
     if row["n_features"]:
         assert row["methods"]["ravl"]["image_wg"] <= row["methods"]["ravl"]["image_acc"]
     # cached: a second call reuses the pretraining, data and runs
+    runs = out / "runs"
+    before = sorted(p.name for p in runs.iterdir())
     again = run_ravl_suite(cfg)
     assert again["settings"][0]["methods"] == row["methods"]
+    assert sorted(p.name for p in runs.iterdir()) == before
+    # other settings are new runs, never a silent reuse of the old ones; flyp (unchanged) is reused
+    run_ravl_suite(cfg.model_copy(update={"ravl_lam": 0.3, "lr": 1e-3}))
+    after = sorted(p.name for p in runs.iterdir())
+    assert set(before) < set(after) and len(after) == 2 * len(before)
+    run_ravl_suite(cfg.model_copy(update={"ravl_lam": 0.3}))
+    only_lam = sorted(p.name for p in runs.iterdir())
+    new = set(only_lam) - set(after)
+    assert all("-ravl-" in n for n in new) and len(new) == (1 if row["n_features"] else 0)
 
 
 def test_summary_mean_std_over_learned_settings():

@@ -49,6 +49,36 @@ def welch_t(a: list[float], b: list[float]) -> float | None:
     return (ma - mb) / se
 
 
+def paired_t(a: list[float], b: list[float]) -> float | None:
+    """Paired t of mean(a - b) over matched runs; None with fewer than 2 pairs, inf when every difference is equal."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m, s = _mean_std(d)
+    if s == 0:
+        return 0.0 if m == 0 else math.copysign(math.inf, m)
+    return m / (s / math.sqrt(len(d)))
+
+
+def pairs(records: list[dict], row: str, other: str, col: str) -> tuple[list[float], list[float]]:
+    """Values of `row` and `other` on runs that share (pretraining seed, fine-tuning seed), in matched order."""
+
+    def of(name: str) -> dict[tuple, float]:
+        return {
+            (r.get("pretrain_seed"), r.get("seed")): r["metrics"][col]
+            for r in records
+            if r["row"] == name and col in r["metrics"]
+        }
+
+    mine, theirs = of(row), of(other)
+    common = sorted(set(mine) & set(theirs), key=str)
+    return [mine[k] for k in common], [theirs[k] for k in common]
+
+
+def _t(t: float | None) -> float | str | None:
+    return None if t is None else (round(t, 2) if math.isfinite(t) else str(t))
+
+
 def values(records: list[dict], row: str, col: str) -> list[float]:
     return [r["metrics"][col] for r in records if r["row"] == row and col in r["metrics"]]
 
@@ -73,24 +103,31 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": round(sum(cpu) / len(cpu), 1) if cpu else None,
         }
     tests: dict[str, dict[str, Any]] = {}
+    paired: dict[str, dict[str, Any]] = {}
     if "starft" in table:
         for other in COMPARE:
             if other not in table:
                 continue
-            tests[other] = {}
+            tests[other], paired[other] = {}, {}
             for col in COLUMNS:
                 a, b = values(records, "starft", col), values(records, other, col)
                 if a and b:
-                    t = welch_t(a, b)
                     diff = sum(a) / len(a) - sum(b) / len(b)
-                    tests[other][col] = {
-                        "diff": round(diff, 2),
-                        "t": None if t is None else (round(t, 2) if math.isfinite(t) else str(t)),
+                    tests[other][col] = {"diff": round(diff, 2), "t": _t(welch_t(a, b))}
+                pa, pb = pairs(records, "starft", other, col)
+                if pa:
+                    d = [x - y for x, y in zip(pa, pb)]
+                    paired[other][col] = {
+                        "diff": round(sum(d) / len(d), 2),
+                        "t": _t(paired_t(pa, pb)),
+                        "n": len(d),
+                        "wins": sum(x > 0 for x in d),
                     }
     return {
         "split": results.get("split"),
         "rows": table,
         "welch_starft_vs": tests,
+        "paired_starft_vs": paired,
         "coverage": results.get("coverage", {}),
         "seconds": results.get("seconds", {}),
         "n_runs": len(records),
@@ -101,6 +138,32 @@ def _cell(c: dict[str, Any] | None) -> str:
     if c is None:
         return "–"
     return f"{c['mean']:.1f} ± {c['std']:.1f}" if c["n"] > 1 else f"{c['mean']:.1f}"
+
+
+def _comparison(tests: dict[str, dict[str, Any]], title: str) -> list[str]:
+    """Markdown lines of one starft-against-other-rows table: difference (t; wins/pairs when paired)."""
+    if not tests:
+        return []
+    cols = list(COLUMNS)
+    lines = [
+        "",
+        title,
+        "",
+        "| vs | " + " | ".join(HEADERS[c] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for other, t in tests.items():
+        cells = []
+        for c in cols:
+            x = t.get(c)
+            if x is None:
+                cells.append("–")
+                continue
+            tt = "n/a" if x["t"] is None else (x["t"] if isinstance(x["t"], str) else f"{x['t']:.1f}")
+            wins = f"; {x['wins']}/{x['n']}" if "wins" in x else ""
+            cells.append(f"{x['diff']:+.1f} (t {tt}{wins})")
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -119,24 +182,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {row} | {n} | " + " | ".join(_cell(r["cells"].get(c)) for c in cols) + f" | {secs} | {cpu} |"
         )
-    if summary["welch_starft_vs"]:
-        lines += [
-            "",
-            "starft minus other row (Welch t):",
-            "",
-            "| vs | " + " | ".join(HEADERS[c] for c in cols) + " |",
-            "|---|" + "---|" * len(cols),
-        ]
-        for other, t in summary["welch_starft_vs"].items():
-            cells = []
-            for c in cols:
-                x = t.get(c)
-                if x is None:
-                    cells.append("–")
-                else:
-                    tt = "n/a" if x["t"] is None else (x["t"] if isinstance(x["t"], str) else f"{x['t']:.1f}")
-                    cells.append(f"{x['diff']:+.1f} (t {tt})")
-            lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    lines += _comparison(summary["welch_starft_vs"], "starft minus other row (Welch t):")
+    lines += _comparison(
+        summary.get("paired_starft_vs", {}),
+        "starft minus other row, paired on (pretraining seed, fine-tuning seed): mean difference"
+        " (paired t; runs where starft is higher / pairs):",
+    )
     for name, cov in summary.get("coverage", {}).items():
         lines += [
             "",
@@ -226,4 +277,4 @@ def write_report(results: dict[str, Any], out: str | Path, console=None) -> dict
     return paths
 
 
-__all__ = ["markdown", "plot", "rich_table", "summarize", "welch_t", "write_report"]
+__all__ = ["markdown", "paired_t", "plot", "rich_table", "summarize", "welch_t", "write_report"]

@@ -6,16 +6,25 @@ For each run, four models are evaluated on the run's own eval sets (the bench's 
 sets): zero-shot, fine-tuned, and the two hybrids — the fine-tuned image tower with the zero-shot text
 tower, and the zero-shot image tower with the fine-tuned text tower; and the fine-tuned model with the
 zero-shot model's batch-norm running statistics (ModifiedResNet image towers have BN). A column that the
-first hybrid keeps and the second loses was forgotten by the text tower, and the reverse. A diagnostic,
-not a method.
+first hybrid keeps and the second loses was forgotten by the text tower, and the reverse.
+
+Where does the regulariser hold? `kl_drift` measures, per eval set, the mean KL(zero-shot || fine-tuned)
+that L_Star penalises, over every caption "a photo of a {class} {descriptor}" of the set's classes and the
+bank's approved descriptors (own-class captions masked, the teacher's logit scale): on task A's images it
+is what the regulariser was trained on; on task B's it is what it should carry over to. Also the KL of the
+zero-shot classification head (class prompts). Diagnostics, not methods.
 """
+
+# ruff: noqa: B008  -- typer.Option defaults
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 
 from trainer.bench.suite import COLUMNS as BENCH_COLUMNS
 
@@ -77,17 +86,121 @@ def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, flo
     return out
 
 
-def main(runs: list[Path]) -> None:
-    """Tower-swap tables for finished trainer runs (their config.yaml and checkpoints/last.safetensors)."""
+def _kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean over rows of KL(softmax p || softmax q), masked entries left out of both distributions."""
+    if mask is not None:
+        logits_p = logits_p.masked_fill(mask, float("-inf"))
+        logits_q = logits_q.masked_fill(mask, float("-inf"))
+    log_p, log_q = logits_p.log_softmax(1), logits_q.log_softmax(1)
+    terms = log_p.exp() * (log_p - log_q)
+    if mask is not None:
+        terms = terms.masked_fill(mask, 0.0)
+    return float(terms.sum(1).mean())
+
+
+def _descriptor_part(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, class_mask: torch.Tensor, n_desc: int
+) -> tuple[float, float]:
+    """Chain rule on (class, descriptor) captions: KL = KL over classes + E_p(class)[KL over descriptors | class].
+
+    Returns the descriptor term (mean over rows) and the teacher's descriptor entropy given the class, as a
+    share of log(n_desc): 1 means the teacher cannot tell the descriptors apart on these images.
+    """
+    n = logits_p.shape[0]
+    lp, lq = logits_p.view(n, -1, n_desc), logits_q.view(n, -1, n_desc)
+    p_class = lp.logsumexp(2).masked_fill(class_mask, float("-inf")).softmax(1)  # (N, C), own class 0
+    cp, cq = lp.log_softmax(2), lq.log_softmax(2)
+    kl_given_class = (cp.exp() * (cp - cq)).sum(2)
+    entropy = -(cp.exp() * cp).sum(2) / math.log(n_desc) if n_desc > 1 else torch.zeros_like(kl_given_class)
+    return (
+        float((p_class * kl_given_class).sum(1).mean()),
+        float((p_class * entropy).sum(1).mean()),
+    )
+
+
+@torch.no_grad()
+def kl_drift(
+    run_dir: str | Path,
+    bank: str | Path | None = None,
+    sets: tuple[str, ...] = ("a", "b_groups"),
+    threads: int = 1,
+) -> dict[str, dict[str, float]]:
+    """KL(zero-shot || fine-tuned) of a finished run on each of `sets` (eval set names).
+
+    Per set: "star" over the captions (class x approved descriptor, own class masked, the teacher's scale or
+    the run's kl_scale), "star_descriptor" its part between descriptors of one class (chain rule),
+    "teacher_descriptor_entropy" (1 = the zero-shot model scores a class's descriptors alike), and "head"
+    over the class prompts. The bank is the run's own, else `bank`, else the newest reviewed one (so flyp
+    runs can be measured too).
+    """
+    from safetensors.torch import load_file
+
+    from descgen.bank import load_bank
+    from trainer.bench.suite import find_reviewed_bank
+    from trainer.config import load_config
+    from trainer.data import _format, head_templates, load_image_set
+    from trainer.evaluate import make_eval_sets, zero_shot_head
+    from trainer.model import build_clip
+
+    torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    bank_path = cfg.bank or bank or find_reviewed_bank("banks", tuple(cfg.concepts))
+    descriptors = load_bank(bank_path).approved(list(cfg.concepts))
+    clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
+    clip.eval()
+    zs = {k: v.clone() for k, v in clip.state_dict().items()}
+    scale = float(cfg.kl_scale or clip.logit_scale.exp())
+    base = load_image_set(cfg.data.val, cfg.templates)
+    every = [base] + [load_image_set(x, cfg.templates, base.classes) for x in cfg.data.eval]
+    chosen = [s for s in every if s.name in sets]
+    loaders = make_eval_sets(chosen, preprocess, cfg.eval_batch_size, None)
+    feats: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {}
+    for name, state in (("zs", zs), ("ft", load_file(str(run_dir / "checkpoints" / "last.safetensors")))):
+        clip.load_state_dict(state)
+        for es in loaders:
+            s = es.image_set
+            caps = [d.apply(_format(cfg.caption, c)) for c in s.classes for d in descriptors]
+            star = clip.encode_text(tokenizer(caps), normalize=True).float()
+            head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
+            img = torch.cat([clip.encode_image(b["image"], normalize=True).float() for b in es.loader])
+            feats.setdefault(s.name, {})[name] = (img, star, head)
+    out = {}
+    for es in loaders:
+        s = es.image_set
+        (iz, sz, hz), (if_, sf, hf) = feats[s.name]["zs"], feats[s.name]["ft"]
+        labels = torch.as_tensor(s.labels)
+        cap_class = torch.arange(len(s.classes)).repeat_interleave(len(descriptors))
+        mask = labels[:, None] == cap_class[None, :]
+        lp, lq = scale * iz @ sz.T, scale * if_ @ sf.T
+        desc_kl, desc_entropy = _descriptor_part(lp, lq, mask[:, :: len(descriptors)], len(descriptors))
+        out[s.name] = {
+            "star": round(_kl(lp, lq, mask), 3),
+            "star_descriptor": round(desc_kl, 3),
+            "teacher_descriptor_entropy": round(desc_entropy, 3),
+            "head": round(_kl(scale * iz @ hz.T, scale * if_ @ hf.T), 3),
+        }
+    return out
+
+
+def main(
+    runs: list[Path],
+    towers: bool = typer.Option(True, help="the tower-swap table of each run"),
+    kl: bool = typer.Option(True, help="one table of KL drift (task A vs task B) over all runs"),
+    bank: Path | None = typer.Option(None, help="bank for runs without one (default: newest reviewed)"),
+) -> None:
+    """Tower-swap tables and KL drift for finished trainer runs (config.yaml, checkpoints/last.safetensors)."""
     from rich.console import Console
     from rich.table import Table
 
+    from descgen.errors import DescgenError
     from trainer.errors import TrainerError, fail
 
     console = Console()
     for run in runs:
         if not (Path(run) / "checkpoints" / "last.safetensors").is_file():
             fail(f"{run}: not a finished run (no checkpoints/last.safetensors)")
+    for run in runs if towers else []:
         try:
             res: dict[str, Any] = tower_swap(run)
         except TrainerError as e:
@@ -100,9 +213,32 @@ def main(runs: list[Path]) -> None:
         for name, row in res.items():
             table.add_row(name, *(f"{row[c]:.1f}" for c in cols))
         console.print(table)
+    if not kl:
+        return
+    table = Table(title="KL(zero-shot || fine-tuned): L_Star's captions and the class head, task A vs task B")
+    heads = (
+        "run",
+        "star A",
+        "star B",
+        "of it descriptors A",
+        "… B",
+        "head A",
+        "head B",
+        "teacher desc. entropy B",
+    )
+    for c in heads:
+        table.add_column(c, justify="left" if c == "run" else "right")
+    for run in runs:
+        try:
+            d = kl_drift(run, bank)
+        except (TrainerError, DescgenError, FileNotFoundError) as e:
+            fail(str(e))
+        keys = ("star", "star_descriptor", "head")
+        cells = [d.get(s, {}).get(k) for k in keys for s in ("a", "b_groups")]
+        cells.append(d.get("b_groups", {}).get("teacher_descriptor_entropy"))
+        table.add_row(str(run), *("–" if v is None else f"{v:.3f}" for v in cells))
+    console.print(table)
 
 
 if __name__ == "__main__":
-    import typer
-
     typer.run(main)  # typer turns `fail`'s Exit into exit code 1 without a traceback
