@@ -94,7 +94,9 @@ def test_welch_t_and_summary():
 
 
 def test_paired_comparison_matches_runs_by_seeds():
-    from trainer.bench.report import markdown, paired_t
+    from rich.console import Console
+
+    from trainer.bench.report import markdown, paired_t, rich_paired
 
     assert paired_t([1.0], [0.0]) is None
     assert paired_t([2.0, 3.0], [1.0, 2.0]) == float("inf")  # every pair +1
@@ -115,6 +117,13 @@ def test_paired_comparison_matches_runs_by_seeds():
     assert abs(s["welch_starft_vs"]["flyp"]["b_worst"]["t"]) < 0.5
     assert s["paired_starft_vs"]["flyp"]["b_worst"] == {"diff": 1.0, "t": "inf", "n": 3, "wins": 3}
     assert "paired on (pretraining seed, fine-tuning seed)" in markdown(s) and "3/3" in markdown(s)
+    console = Console(record=True, width=250)
+    console.print(rich_paired(s))
+    assert "+1.0 (t inf; 3/3)" in console.export_text()
+    single = summarize(
+        {"split": "test", "records": [r for r in recs if r["seed"] == 0 and r["pretrain_seed"] == 0]}
+    )
+    assert rich_paired(single) is None  # one pair: no paired table in the console
 
 
 def test_oracle_bank_and_reviewed_bank(tmp_path):

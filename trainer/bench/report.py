@@ -153,17 +153,17 @@ def _comparison(tests: dict[str, dict[str, Any]], title: str) -> list[str]:
         "|---|" + "---|" * len(cols),
     ]
     for other, t in tests.items():
-        cells = []
-        for c in cols:
-            x = t.get(c)
-            if x is None:
-                cells.append("–")
-                continue
-            tt = "n/a" if x["t"] is None else (x["t"] if isinstance(x["t"], str) else f"{x['t']:.1f}")
-            wins = f"; {x['wins']}/{x['n']}" if "wins" in x else ""
-            cells.append(f"{x['diff']:+.1f} (t {tt}{wins})")
-        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+        lines.append(f"| {other} | " + " | ".join(_diff_cell(t.get(c)) for c in cols) + " |")
     return lines
+
+
+def _diff_cell(x: dict[str, Any] | None) -> str:
+    """'+1.2 (t 3.4)' or, paired, '+1.2 (t 3.4; 5/6)'; '–' when the column is missing."""
+    if x is None:
+        return "–"
+    tt = "n/a" if x["t"] is None else (x["t"] if isinstance(x["t"], str) else f"{x['t']:.1f}")
+    wins = f"; {x['wins']}/{x['n']}" if "wins" in x else ""
+    return f"{x['diff']:+.1f} (t {tt}{wins})"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -220,6 +220,25 @@ def rich_table(summary: dict[str, Any]):
     return t
 
 
+def rich_paired(summary: dict[str, Any]):
+    """starft minus each row, paired on seeds, as a rich Table (difference, paired t, wins); None without pairs."""
+    from rich.table import Table
+
+    tests = {
+        o: t for o, t in summary.get("paired_starft_vs", {}).items() if any(x["n"] > 1 for x in t.values())
+    }
+    if not tests:
+        return None
+    cols = list(COLUMNS)
+    t = Table(title="starft minus row, paired on (pretraining seed, seed): diff (t; starft higher / pairs)")
+    t.add_column("vs")
+    for c in cols:
+        t.add_column(HEADERS[c], justify="right")
+    for other, cells in tests.items():
+        t.add_row(other, *(_diff_cell(cells.get(c)) for c in cols))
+    return t
+
+
 def plot(results: dict[str, Any], path: str | Path) -> Path:
     """PNG: task-B worst group against ID accuracy, one point per run, one colour per row."""
     import matplotlib
@@ -270,6 +289,9 @@ def write_report(results: dict[str, Any], out: str | Path, console=None) -> dict
     plot(results, paths["plot"])
     if console is not None:
         console.print(rich_table(summary))
+        paired = rich_paired(summary)
+        if paired is not None:
+            console.print(paired)
         for name, cov in summary.get("coverage", {}).items():
             console.print(
                 f"bank coverage ({name}, {cov['bank']}): {cov['share']}% of {cov['total']} descriptors"
@@ -277,4 +299,13 @@ def write_report(results: dict[str, Any], out: str | Path, console=None) -> dict
     return paths
 
 
-__all__ = ["markdown", "paired_t", "plot", "rich_table", "summarize", "welch_t", "write_report"]
+__all__ = [
+    "markdown",
+    "paired_t",
+    "plot",
+    "rich_paired",
+    "rich_table",
+    "summarize",
+    "welch_t",
+    "write_report",
+]
