@@ -215,19 +215,16 @@ def main(
         console.print(table)
     if not kl:
         return
-    table = Table(title="KL(zero-shot || fine-tuned): L_Star's captions and the class head, task A vs task B")
-    heads = (
-        "run",
-        "star A",
-        "star B",
-        "of it descriptors A",
-        "… B",
-        "head A",
-        "head B",
-        "teacher desc. entropy B",
+    table = Table(
+        title="KL(zero-shot || fine-tuned) on task A and B images: over L_Star's captions (star), its part"
+        " between descriptors of a class (desc), over the class head (head); H = teacher's descriptor"
+        " entropy / max"
     )
-    for c in heads:
-        table.add_column(c, justify="left" if c == "run" else "right")
+    for c in ("run", "star A", "star B", "desc A", "desc B", "head A", "head B", "H B"):
+        if c == "run":
+            table.add_column(c, overflow="fold")  # long run paths fold; the numbers never wrap
+        else:
+            table.add_column(c, justify="right", no_wrap=True)
     for run in runs:
         try:
             d = kl_drift(run, bank)
@@ -236,7 +233,7 @@ def main(
         keys = ("star", "star_descriptor", "head")
         cells = [d.get(s, {}).get(k) for k in keys for s in ("a", "b_groups")]
         cells.append(d.get("b_groups", {}).get("teacher_descriptor_entropy"))
-        table.add_row(str(run), *("–" if v is None else f"{v:.3f}" for v in cells))
+        table.add_row("/".join(Path(run).parts[-2:]), *("–" if v is None else f"{v:.3f}" for v in cells))
     console.print(table)
 
 
