@@ -499,9 +499,8 @@ def pretrain(
     ]
     vocab = sorted(caption_vocabulary(world.pretrain_backgrounds, named))
     mcfg = model_config(cfg)
-    tmp = out.with_name(
-        f"{out.name}.tmp-{os.getpid()}"
-    )  # per process: two benches may pretrain the same seed
+    # One temp folder per process: two benches may pretrain the same seed at once.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "model.json").write_text(json.dumps(mcfg, indent=2))
     (tmp / "open_clip_config.json").write_text(

@@ -52,25 +52,35 @@ def _bn_stats(stats_from: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
     return {k: (stats_from[k] if k.rsplit(".", 1)[-1] in keys else v) for k, v in rest.items()}
 
 
-@torch.no_grad()
-def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, float]]:
-    """{model: {column: value}} for zero-shot, fine-tuned, both hybrids, and fine-tuned with zero-shot BN stats."""
+def _load_run(run_dir: str | Path, threads: int, sets: tuple[str, ...] | None = None):
+    """(config, CLIP in eval mode with zero-shot weights, tokenizer, zero-shot state, fine-tuned state, eval
+    loaders) of a finished run; `sets` keeps only the eval sets of those names."""
     from safetensors.torch import load_file
 
     from trainer.config import load_config
     from trainer.data import load_image_set
-    from trainer.evaluate import evaluate_sets, make_eval_sets
+    from trainer.evaluate import make_eval_sets
     from trainer.model import build_clip
 
     torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
+    clip.eval()
     zs = {k: v.clone() for k, v in clip.state_dict().items()}
     ft = load_file(str(run_dir / "checkpoints" / "last.safetensors"))
     base = load_image_set(cfg.data.val, cfg.templates)
-    sets = [base] + [load_image_set(s, cfg.templates, base.classes) for s in cfg.data.eval]
-    loaders = make_eval_sets(sets, preprocess, cfg.eval_batch_size, None)
+    every = [base] + [load_image_set(s, cfg.templates, base.classes) for s in cfg.data.eval]
+    chosen = every if sets is None else [s for s in every if s.name in sets]
+    return cfg, clip, tokenizer, zs, ft, make_eval_sets(chosen, preprocess, cfg.eval_batch_size, None)
+
+
+@torch.no_grad()
+def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, float]]:
+    """{model: {column: value}} for zero-shot, fine-tuned, both hybrids, and fine-tuned with zero-shot BN stats."""
+    from trainer.evaluate import evaluate_sets
+
+    _, clip, tokenizer, zs, ft, loaders = _load_run(run_dir, threads)
     models = {
         "zero-shot": zs,
         "fine-tuned": ft,
@@ -133,30 +143,17 @@ def kl_drift(
     over the class prompts. The bank is the run's own, else `bank`, else the newest reviewed one (so flyp
     runs can be measured too).
     """
-    from safetensors.torch import load_file
-
     from descgen.bank import load_bank
     from trainer.bench.suite import find_reviewed_bank
-    from trainer.config import load_config
-    from trainer.data import _format, head_templates, load_image_set
-    from trainer.evaluate import make_eval_sets, zero_shot_head
-    from trainer.model import build_clip
+    from trainer.data import _format, head_templates
+    from trainer.evaluate import zero_shot_head
 
-    torch.set_num_threads(threads)
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg, clip, tokenizer, zs, ft, loaders = _load_run(run_dir, threads, sets)
     bank_path = cfg.bank or bank or find_reviewed_bank("banks", tuple(cfg.concepts))
     descriptors = load_bank(bank_path).approved(list(cfg.concepts))
-    clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
-    clip.eval()
-    zs = {k: v.clone() for k, v in clip.state_dict().items()}
     scale = float(cfg.kl_scale or clip.logit_scale.exp())
-    base = load_image_set(cfg.data.val, cfg.templates)
-    every = [base] + [load_image_set(x, cfg.templates, base.classes) for x in cfg.data.eval]
-    chosen = [s for s in every if s.name in sets]
-    loaders = make_eval_sets(chosen, preprocess, cfg.eval_batch_size, None)
     feats: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {}
-    for name, state in (("zs", zs), ("ft", load_file(str(run_dir / "checkpoints" / "last.safetensors")))):
+    for name, state in (("zs", zs), ("ft", ft)):
         clip.load_state_dict(state)
         for es in loaders:
             s = es.image_set
