@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import json
 
-from trainer.bench.ravl_suite import QuadPretrainConfig, RavlSuiteConfig, run_ravl_suite, summarize
+from trainer.bench.ravl_suite import (
+    QuadPretrainConfig,
+    RavlSuiteConfig,
+    run_ravl_suite,
+    shortcut_sides,
+    summarize,
+)
 
 
 def test_tiny_suite_runs_and_writes_results(tmp_path):
@@ -41,7 +47,11 @@ def test_tiny_suite_runs_and_writes_results(tmp_path):
             "region_acc",
             "region_wg",
             "region_wg_crop",
+            "class_without",
+            "others_with",
         }
+        v = row["methods"][m]  # both sides are groups, so neither is below the worst group
+        assert v["image_wg"] <= min(v["class_without"], v["others_with"])
     if row["n_features"]:
         assert row["methods"]["ravl"]["image_wg"] <= row["methods"]["ravl"]["image_acc"]
     # cached: a second call reuses the pretraining, data and runs
@@ -70,3 +80,37 @@ def test_summary_mean_std_over_learned_settings():
     assert s["learned"] == 2 and s["p_at_10_learned"] == {"mean": 0.9, "std": 0.141, "n": 2}
     assert s["mitigation_learned"]["flyp"]["image_wg"]["mean"] == 65.0
     assert s["mitigation_all"]["flyp"]["image_wg"]["n"] == 3
+
+
+def test_shortcut_sides_from_groups():
+    g = {"three/no_rect": 70.0, "three/rect": 99.0, "nine/rect": 60.0, "nine/no_rect": 95.0, "two/rect": 80.0}
+    assert shortcut_sides(g, "three") == {"class_without": 70.0, "others_with": 60.0}
+    g["nine/rect"] = 100.0  # the spurious class's own rect group never counts as an "other" side
+    assert shortcut_sides(g, "three")["others_with"] == 80.0
+
+
+def test_summary_pairs_methods_with_flyp_on_the_setting():
+    def m(wg):
+        return {"image_acc": 90.0, "image_wg": wg}
+
+    settings = [
+        {
+            "class": c,
+            "p_at_10": 1.0,
+            "gap_others": 9,
+            "learned": True,
+            "methods": {"flyp": m(b), "ravl": m(b + d)},
+        }
+        for c, b, d in (("three", 50.0, 2.0), ("three", 80.0, 4.0), ("eight", 65.0, 3.0))  # steady gain
+    ]
+    summary = summarize(settings, ["flyp", "ravl"])
+    by_class = summary["paired_vs_flyp_by_class"]
+    assert by_class["three"]["ravl"]["image_wg"] == {"diff": 3.0, "t": 3.0, "wins": 2, "n": 2}
+    assert (
+        by_class["eight"]["ravl"]["image_wg"]["n"] == 1 and by_class["eight"]["ravl"]["image_wg"]["t"] is None
+    )
+    p = summary["paired_vs_flyp"]["ravl"]
+    assert p["image_wg"]["diff"] == 3.0 and p["image_wg"]["wins"] == 3 and p["image_wg"]["n"] == 3
+    assert p["image_wg"]["t"] == round(3.0 / (1.0 / 3**0.5), 2)
+    assert p["image_acc"] == {"diff": 0.0, "t": 0.0, "wins": 0, "n": 3}
+    assert "region_wg" not in p  # not measured: no entry rather than a made-up one

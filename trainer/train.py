@@ -549,7 +549,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     progress = Progress(accelerator.is_main_process and cfg.progress)
     task = progress.add(f"{cfg.method} {run_dir.name}", total, step)
     model.train()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     while step < stop_at:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
@@ -627,6 +627,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         "best": best,
         "final": results,
         "seconds": round(time.time() - t0, 2),
+        "cpu_seconds": round(time.process_time() - c0, 2),  # this process, all its threads
     }
     _finish(accelerator, run_dir, final, log)
     return run_dir

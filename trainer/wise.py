@@ -9,6 +9,8 @@ scale and, for method ft, the head, whose zero-shot value is the text classifier
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +43,7 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     from trainer.model import FineTuner, build_clip
     from trainer.train import _write_json, load_inputs, new_accelerator
 
+    t0, c0 = time.time(), time.process_time()
     if not 0.0 <= alpha <= 1.0:
         raise TrainerError(f"alpha must be in [0, 1], got {alpha}")
     run_dir = Path(run_dir)
@@ -50,7 +53,7 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     if not ckpt.is_file():
         raise RunDirError(f"{run_dir}: no {checkpoint} checkpoint ({ckpt.name})")
     cfg = load_config(run_dir / "config.yaml")
-    torch.set_num_threads(cfg.threads or min(4, __import__("os").cpu_count() or 1))
+    torch.set_num_threads(cfg.threads or min(4, os.cpu_count() or 1))
     inputs = load_inputs(cfg)
     accelerator = new_accelerator()
     set_seed(cfg.seed)  # as in train(): a random-init zero-shot model is rebuilt identically
@@ -83,7 +86,16 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in merged.items()}, str(out / "model.safetensors"))
-        _write_json(out / "metrics.json", {"alpha": alpha, "checkpoint": checkpoint, "final": results})
+        _write_json(
+            out / "metrics.json",
+            {
+                "alpha": alpha,
+                "checkpoint": checkpoint,
+                "final": results,
+                "seconds": round(time.time() - t0, 2),
+                "cpu_seconds": round(time.process_time() - c0, 2),
+            },
+        )
     return out
 
 

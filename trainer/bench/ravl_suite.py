@@ -39,7 +39,16 @@ SUITE_VERSION = 1
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default normalisation (its preprocess uses it)
 STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTION = "a photo of a {c}."
-METRICS = ("image_acc", "image_wg", "region_acc", "region_wg", "region_acc_crop", "region_wg_crop")
+METRICS = (
+    "image_acc",
+    "image_wg",
+    "class_without",  # the spurious class's images without the rectangle (the shortcut's missed side)
+    "others_with",  # worst other class with the rectangle (the side it calls the spurious class)
+    "region_acc",
+    "region_wg",
+    "region_acc_crop",
+    "region_wg_crop",
+)
 RECT_SUFFIX = " and a red rectangle"
 
 
@@ -320,6 +329,16 @@ def _upsampled_csv(train_csv: Path, groups: list[tuple[int, bool]], out: Path) -
     return out
 
 
+def shortcut_sides(per_group: dict[str, float], spurious: str) -> dict[str, float]:
+    """The two sides of the rectangle shortcut from image accuracy per `class/rect|no_rect` group: the
+    spurious class without the rectangle, and the worst other class with it."""
+    others = [v for k, v in per_group.items() if k.endswith("/rect") and not k.startswith(f"{spurious}/")]
+    return {
+        "class_without": round(per_group[f"{spurious}/no_rect"], 2),
+        "others_with": round(min(others), 2),
+    }
+
+
 @torch.no_grad()
 def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
     """Zero-shot classification of each test image's digit quadrant, accuracy overall and worst group over
@@ -494,6 +513,7 @@ def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
                     methods[m] = {
                         "image_acc": round(metrics["top1"], 2),
                         "image_wg": round(metrics["worst_group"], 2),
+                        **shortcut_sides(metrics["per_group"], CLASSNAMES[c]),
                         **region_worst_group(run, test_csv),
                     }
                     timing[m] = time.time() - t  # run + region evaluation (flyp: evaluation only)
@@ -562,8 +582,42 @@ def summarize(settings: list[dict], methods) -> dict[str, Any]:
     }
     for scope, rows in (("learned", learned), ("all", settings)):
         out[f"mitigation_{scope}"] = {
-            m: {k: _ms([r["methods"][m][k] for r in rows if r["methods"].get(m)]) for k in METRICS}
+            m: {k: _ms([r["methods"][m].get(k) for r in rows if r["methods"].get(m)]) for k in METRICS}
             for m in methods
+        }
+    others = [m for m in methods if m != "flyp" and "flyp" in methods]
+    out["paired_vs_flyp"] = {m: _paired(settings, m) for m in others}
+    classes = sorted({r["class"] for r in settings if "class" in r})
+    if len(classes) > 1:  # the shortcut can go a different way per spurious class
+        out["paired_vs_flyp_by_class"] = {
+            c: {m: _paired([r for r in settings if r.get("class") == c], m) for m in others} for c in classes
+        }
+    return out
+
+
+def _paired(settings: list[dict], method: str) -> dict[str, dict[str, Any]]:
+    """`method` − flyp on the same setting, per metric: mean difference, paired t, wins / pairs."""
+    from trainer.bench.report import paired_t
+
+    out = {}
+    for k in METRICS:
+        both = [
+            (r["methods"][method][k], r["methods"]["flyp"][k])
+            for r in settings
+            if r["methods"].get(method)
+            and r["methods"].get("flyp")
+            and r["methods"][method].get(k) is not None
+            and r["methods"]["flyp"].get(k) is not None
+        ]
+        if not both:
+            continue
+        a, b = [x for x, _ in both], [y for _, y in both]
+        t = paired_t(a, b)
+        out[k] = {
+            "diff": round(float(np.mean(a) - np.mean(b)), 3),
+            "t": None if t is None else round(t, 2),
+            "wins": sum(x > y for x, y in both),
+            "n": len(both),
         }
     return out
 
@@ -597,13 +651,37 @@ def print_results(results: dict[str, Any], console=None) -> None:
     console.print(
         f"P@10: {_pm(p)} over the {p['n']} settings that learned the correlation; {_pm(q)} over all {q['n']}"
     )
+    cols = {
+        "image_acc": "image acc",
+        "image_wg": "image WG",
+        "class_without": "class w/o rect",
+        "others_with": "others with rect",
+        "region_acc": "region acc",
+        "region_wg": "region WG",
+    }
     for scope in ("learned", "all"):
         t = Table(title=f"Mitigation, mean ± std over {scope} settings (test set, %)")
         t.add_column("method")
-        for col in ("image acc", "image WG", "region acc", "region WG"):
+        for col in cols.values():
             t.add_column(col, justify="right")
         for m, v in s[f"mitigation_{scope}"].items():
-            t.add_row(m, *(_pm(v[k]) for k in ("image_acc", "image_wg", "region_acc", "region_wg")))
+            t.add_row(m, *(_pm(v.get(k, {"mean": None})) for k in cols))
+        console.print(t)
+    scopes = {"all settings": s.get("paired_vs_flyp", {})}
+    scopes.update({f"spurious class {c}": v for c, v in s.get("paired_vs_flyp_by_class", {}).items()})
+    if any(scopes.values()):
+        t = Table(title="Paired on the setting, method − flyp: mean difference (paired t; wins/pairs)")
+        t.add_column("method")
+        for col in cols.values():
+            t.add_column(col, justify="right")
+        for scope, paired in scopes.items():
+            for m, v in paired.items():
+                cells = []
+                for k in cols:
+                    d = v.get(k)
+                    tt = "–" if d is None or d["t"] is None else f"{d['t']:.1f}"
+                    cells.append("–" if d is None else f"{d['diff']:+.1f} ({tt}; {d['wins']}/{d['n']})")
+                t.add_row(f"{m}, {scope}", *cells)
         console.print(t)
 
 

@@ -26,6 +26,21 @@ HEADERS = {
     "b_plain": "B plain",
     "b_sketch": "B sketch",
 }
+# Console tables (80 columns): short headers, explained in the caption.
+SHORT = {
+    "id": "ID",
+    "a_sketch": "A sk",
+    "a_unseen": "A ubg",
+    "b_worst": "B wg",
+    "b_worst3": "B wg3",
+    "b_avg": "B avg",
+    "b_plain": "B pl",
+    "b_sketch": "B sk",
+}
+LEGEND = (
+    "ID = task A in distribution; A sk / ubg = A sketch / unseen backgrounds; B wg / wg3 / avg = task-B "
+    "worst group / mean of worst 3 / group average; B pl / sk = task B plain / sketch"
+)
 # Welch comparisons: starft against these rows.
 COMPARE = ("flyp", "flyp_lowlr", "clean", "random", "oracle", "wise_flyp")
 
@@ -200,22 +215,24 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def rich_table(summary: dict[str, Any]):
     """The summary table as a rich Table."""
+    from rich import box
     from rich.table import Table
 
     cols = list(COLUMNS)
-    t = Table(title=f"StarFT bench ({summary['split']} split), mean ± std")
-    t.add_column("row")
-    t.add_column("n", justify="right")
+    t = Table(
+        title=f"StarFT bench ({summary['split']} split): mean, ± std below (n runs)",
+        caption=LEGEND + "; under each row: runs, wall seconds a run",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),  # with the column divider: 2 spaces between columns, 80 columns suffice
+    )
+    t.add_column("row", no_wrap=True, min_width=max(map(len, summary["rows"]), default=3))
     for c in cols:
-        t.add_column(HEADERS[c], justify="right")
-    t.add_column("s/run", justify="right")
+        t.add_column(SHORT[c], justify="right", no_wrap=True)
     for row, r in summary["rows"].items():
         n = max((c["n"] for c in r["cells"].values()), default=0)
+        secs = "" if r["seconds"] is None else f", {r['seconds']:.0f} s"
         t.add_row(
-            row,
-            str(n),
-            *(_cell(r["cells"].get(c)) for c in cols),
-            "" if r["seconds"] is None else f"{r['seconds']:.0f}",
+            f"{row}\n[dim]n {n}{secs}[/dim]", *(_cell(r["cells"].get(c)).replace(" ± ", "\n±") for c in cols)
         )
     return t
 
@@ -229,14 +246,30 @@ def rich_paired(summary: dict[str, Any]):
     }
     if not tests:
         return None
+    from rich import box
+
     cols = list(COLUMNS)
-    t = Table(title="starft minus row, paired on (pretraining seed, seed): diff (t; starft higher / pairs)")
-    t.add_column("vs")
+    t = Table(
+        title="starft minus row, paired on (pretraining seed, seed): difference, paired t, starft higher/pairs",
+        caption=LEGEND,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),  # with the column divider: 2 spaces between columns, 80 columns suffice
+    )
+    t.add_column("vs", no_wrap=True, min_width=max(map(len, tests)))
     for c in cols:
-        t.add_column(HEADERS[c], justify="right")
+        t.add_column(SHORT[c], justify="right", no_wrap=True, min_width=6)  # "t -4.7"
     for other, cells in tests.items():
-        t.add_row(other, *(_diff_cell(cells.get(c)) for c in cols))
+        t.add_row(other, *(_diff_lines(cells.get(c)) for c in cols))
     return t
+
+
+def _diff_lines(x: dict[str, Any] | None) -> str:
+    """A paired cell on three short lines: difference, paired t, wins / pairs."""
+    if x is None:
+        return "–"
+    t = x["t"]
+    tt = "n/a" if t is None else (t if isinstance(t, str) else f"{t:.1f}" if abs(t) < 10 else f"{t:.0f}")
+    return f"{x['diff']:+.1f}\nt {tt}\n{x['wins']}/{x['n']}"
 
 
 def plot(results: dict[str, Any], path: str | Path) -> Path:

@@ -268,7 +268,7 @@ def metrics_row(final: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float, float]:
+def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float | None, float | None]:
     """Train one row (or reuse its finished run dir); returns (run dir, metrics.json, wall s, CPU s of this call)."""
     from trainer.config import build_config
     from trainer.train import train
@@ -278,22 +278,30 @@ def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float, flo
     digest = build_config({**config, "name": None}).hash().removeprefix("sha256:")[:8]
     config = {**config, "name": f"{config['name']}-{digest}"}
     run_dir = Path(config["runs_dir"]) / config["name"]
+    if (run_dir / "metrics.json").is_file():
+        return _reused(run_dir)
+    if run_dir.exists():  # an interrupted run of ours: start it again
+        shutil.rmtree(run_dir)
     t0, c0 = time.time(), time.process_time()
-    if not (run_dir / "metrics.json").is_file():
-        if run_dir.exists():  # an interrupted run of ours: start it again
-            shutil.rmtree(run_dir)
-        run_dir = train(build_config(config))
+    run_dir = train(build_config(config))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return run_dir, metrics, time.time() - t0, time.process_time() - c0
 
 
-def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float, float]:
+def _reused(out: Path) -> tuple[Path, dict[str, Any], float | None, float | None]:
+    """A finished run: its metrics and the times it recorded when it ran (None for runs older than that)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    return out, {**metrics, "reused": True}, metrics.get("seconds"), metrics.get("cpu_seconds")
+
+
+def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float | None, float | None]:
     from trainer.wise import wise
 
     out = run_dir / "wise" / f"alpha-{alpha:g}"
+    if (out / "metrics.json").is_file():
+        return _reused(out)
     t0, c0 = time.time(), time.process_time()
-    if not (out / "metrics.json").is_file():
-        out = wise(run_dir, alpha)
+    out = wise(run_dir, alpha)
     return out, json.loads((out / "metrics.json").read_text()), time.time() - t0, time.process_time() - c0
 
 
@@ -365,7 +373,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         runs_dir = (Path(cfg.runs_dir) if cfg.runs_dir else out / cfg.split) / f"p{pseed}"
 
         def record(
-            row: str, seed: int, run_dir: Path, metrics: dict, seconds: float, cpu: float, pseed: int = pseed
+            row: str,
+            seed: int,
+            run_dir: Path,
+            metrics: dict,
+            seconds: float | None,
+            cpu: float | None,
+            pseed: int = pseed,
         ) -> None:
             nonlocal job
             job += 1
@@ -375,12 +389,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "seed": seed,
                 "split": cfg.split,
                 "run_dir": str(run_dir),
-                "seconds": round(
-                    seconds, 1
-                ),  # wall time of this call (about 0 when a finished run is reused)
-                "cpu_seconds": round(
-                    cpu, 1
-                ),  # process CPU time, all threads: wall on an idle machine ~ cpu/threads
+                # wall and process CPU time (all threads; wall on an idle machine ~ cpu/threads) of the
+                # run: of this call, or as recorded when a reused run ran (None if it predates that)
+                "seconds": None if seconds is None else round(seconds, 1),
+                "cpu_seconds": None if cpu is None else round(cpu, 1),
+                "reused": bool(metrics.get("reused")),
                 "train_seconds": metrics.get("seconds"),
                 "metrics": metrics_row(metrics["final"]),
             }
@@ -390,7 +403,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 cfg,
                 f"[{job}/{n_jobs}] p{pseed} {row} s{seed}: ID {m.get('id', float('nan')):.1f}  "
                 f"B worst {m.get('b_worst', float('nan')):.1f}  B avg {m.get('b_avg', float('nan')):.1f}  "
-                f"({seconds:.0f} s)",
+                "(reused)"
+                if metrics.get("reused")
+                else f"({seconds:.0f} s)",
             )
 
         if "zeroshot" in rows:
