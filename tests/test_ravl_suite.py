@@ -54,6 +54,14 @@ def test_tiny_suite_runs_and_writes_results(tmp_path):
         assert v["image_wg"] <= min(v["class_without"], v["others_with"])
     if row["n_features"]:
         assert row["methods"]["ravl"]["image_wg"] <= row["methods"]["ravl"]["image_acc"]
+    from rich.console import Console
+
+    from trainer.bench.ravl_suite import print_results
+
+    console = Console(record=True, width=80)  # the printed tables read in an 80-column terminal
+    print_results(res, console)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80 and "upsampled, all" in text
     # cached: a second call reuses the pretraining, data and runs
     runs = out / "runs"
     before = sorted(p.name for p in runs.iterdir())

@@ -632,8 +632,11 @@ def print_results(results: dict[str, Any], console=None) -> None:
 
     console = console or Console(stderr=True)
     s = results["summary"]
+    from rich import box
+
     t = Table(
-        title=f"RaVL discovery ({results.get('config_split') or results['config']['split']}): {s['learned']}/{s['settings']} settings learned the correlation"
+        title=f"RaVL discovery ({results.get('config_split') or results['config']['split']}): {s['learned']}/{s['settings']} settings learned the correlation",
+        box=box.SIMPLE_HEAD,
     )
     for col in ("setting", "gap others", "gap class", "features", "P@10"):
         t.add_column(col, justify="right")
@@ -651,37 +654,38 @@ def print_results(results: dict[str, Any], console=None) -> None:
     console.print(
         f"P@10: {_pm(p)} over the {p['n']} settings that learned the correlation; {_pm(q)} over all {q['n']}"
     )
+    from trainer.bench.report import _diff_lines
+
     cols = {
-        "image_acc": "image acc",
-        "image_wg": "image WG",
-        "class_without": "class w/o rect",
-        "others_with": "others with rect",
-        "region_acc": "region acc",
-        "region_wg": "region WG",
+        "image_acc": "img acc",
+        "image_wg": "img WG",
+        "class_without": "cls −rect",
+        "others_with": "oth +rect",
+        "region_acc": "reg acc",
+        "region_wg": "reg WG",
     }
+    legend = (
+        "img = whole image, reg = digit quadrant (RoI); WG = worst group of class × rectangle; cls −rect = the "
+        "spurious class without the rectangle; oth +rect = worst other class with it"
+    )
+    style = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "caption": legend}  # fits 80 columns
     for scope in ("learned", "all"):
-        t = Table(title=f"Mitigation, mean ± std over {scope} settings (test set, %)")
-        t.add_column("method")
+        t = Table(title=f"Mitigation, mean and ± std over {scope} settings (test set, %)", **style)
+        t.add_column("method", no_wrap=True)
         for col in cols.values():
-            t.add_column(col, justify="right")
+            t.add_column(col, justify="right", no_wrap=True)
         for m, v in s[f"mitigation_{scope}"].items():
-            t.add_row(m, *(_pm(v.get(k, {"mean": None})) for k in cols))
+            t.add_row(m, *(_pm(v.get(k, {"mean": None})).replace(" ± ", "\n±") for k in cols))
         console.print(t)
-    scopes = {"all settings": s.get("paired_vs_flyp", {})}
-    scopes.update({f"spurious class {c}": v for c, v in s.get("paired_vs_flyp_by_class", {}).items()})
+    scopes = {"all": s.get("paired_vs_flyp", {}), **s.get("paired_vs_flyp_by_class", {})}
     if any(scopes.values()):
-        t = Table(title="Paired on the setting, method − flyp: mean difference (paired t; wins/pairs)")
-        t.add_column("method")
+        t = Table(title="Paired on the setting, method − flyp: difference, paired t, higher/pairs", **style)
+        t.add_column("method, class", no_wrap=True)
         for col in cols.values():
-            t.add_column(col, justify="right")
+            t.add_column(col, justify="right", no_wrap=True)
         for scope, paired in scopes.items():
             for m, v in paired.items():
-                cells = []
-                for k in cols:
-                    d = v.get(k)
-                    tt = "–" if d is None or d["t"] is None else f"{d['t']:.1f}"
-                    cells.append("–" if d is None else f"{d['diff']:+.1f} ({tt}; {d['wins']}/{d['n']})")
-                t.add_row(f"{m}, {scope}", *cells)
+                t.add_row(f"{m}, {scope}", *(_diff_lines(v.get(k)) for k in cols))
         console.print(t)
 
 
