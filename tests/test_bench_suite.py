@@ -47,8 +47,11 @@ def test_tiny_bench_runs_every_row_and_writes_results(tiny_results):
     assert rows == ["flyp", "starft", "wise_starft", "zeroshot"]
     for rec in results["records"]:
         m = rec["metrics"]
-        assert set(m) == {"id", "a_sketch", "a_unseen", "b_worst", "b_worst3", "b_avg", "b_plain", "b_sketch"}
-        assert all(0.0 <= v <= 100.0 for v in m.values())
+        assert set(m) == {
+            "id", "a_sketch", "a_unseen", "b_worst", "b_worst3", "b_avg", "b_plain", "b_sketch", "b_bias"
+        }  # fmt: skip
+        assert -100.0 <= m["b_bias"] <= 100.0
+        assert all(0.0 <= v <= 100.0 for k, v in m.items() if k != "b_bias")  # b_bias is a difference
         assert m["b_worst"] <= m["b_worst3"] <= m["b_avg"]
     saved = json.loads((Path(cfg.out) / "results.json").read_text())
     assert saved["records"] == results["records"]
@@ -272,3 +275,19 @@ def test_tower_swap_cli_bad_run_is_one_line(tmp_path, bad):
     assert proc.stderr.startswith("Error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and str(run) in proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_bias_gap_is_typical_minus_other_background():
+    from trainer.bench.suite import metrics_row, typical_backgrounds
+    from trainer.bench.world import WorldConfig
+
+    final = {"b_groups": {"worst_group": 10.0, "per_group": {"five/snow": 90.0, "five/beach": 70.0,
+                                                             "six/beach": 80.0, "six/snow": 50.0}}}  # fmt: skip
+    row = metrics_row(final, {"five": {"snow"}, "six": {"beach"}})
+    assert row["b_bias"] == 85.0 - 60.0 and row["b_worst"] == 10.0
+    assert "b_bias" not in metrics_row(final)  # no typical backgrounds given: no gap made up
+    assert "b_bias" not in metrics_row(
+        final, {"five": {"snow", "beach"}, "six": {"beach", "snow"}}
+    )  # no "other"
+    world = WorldConfig()
+    assert typical_backgrounds(world) == {world.class_names[d]: set(b) for d, b in world.typical_b.items()}

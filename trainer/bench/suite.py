@@ -52,6 +52,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "b_avg": ("b_groups", "group_mean"),
     "b_plain": ("b_plain", "top1"),
     "b_sketch": ("b_sketch", "top1"),
+    # derived (`metrics_row`): task-B accuracy on each class's typical pretraining background minus on the
+    # others, mean over groups; the zero-shot model's spurious bias, and whether fine-tuning amplifies it
+    "b_bias": ("b_groups", "bias_gap"),
 }
 
 
@@ -258,14 +261,31 @@ def row_config(
     return c
 
 
-def metrics_row(final: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The report columns of one run's final metrics."""
+def metrics_row(
+    final: dict[str, dict[str, Any]], typical: dict[str, set[str]] | None = None
+) -> dict[str, float]:
+    """The report columns of one run's final metrics; `typical` (class name -> its typical backgrounds)
+    adds the task-B bias gap from the per-group accuracies ("class/background")."""
     out = {}
     for col, (set_name, key) in COLUMNS.items():
         m = final.get(set_name)
         if m is not None and key in m:
             out[col] = round(float(m[key]), 3)
+    groups = (final.get("b_groups") or {}).get("per_group")
+    if typical and groups:
+        split = {True: [], False: []}
+        for name, acc in groups.items():
+            cls, _, bg = name.partition("/")
+            split[bg in typical.get(cls, ())].append(acc)
+        if split[True] and split[False]:
+            gap = sum(split[True]) / len(split[True]) - sum(split[False]) / len(split[False])
+            out["b_bias"] = round(gap, 3)
     return out
+
+
+def typical_backgrounds(world: WorldConfig) -> dict[str, set[str]]:
+    """Task-B class name -> its typical backgrounds in pretraining (the bias the zero-shot model carries)."""
+    return {world.class_names[d]: set(bgs) for d, bgs in world.typical_b.items()}
 
 
 def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float | None, float | None]:
@@ -395,7 +415,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "cpu_seconds": None if cpu is None else round(cpu, 1),
                 "reused": bool(metrics.get("reused")),
                 "train_seconds": metrics.get("seconds"),
-                "metrics": metrics_row(metrics["final"]),
+                "metrics": metrics_row(metrics["final"], typical_backgrounds(world)),
             }
             records.append(rec)
             m = rec["metrics"]
