@@ -122,3 +122,31 @@ def test_summary_pairs_methods_with_flyp_on_the_setting():
     assert p["image_wg"]["t"] == round(3.0 / (1.0 / 3**0.5), 2)
     assert p["image_acc"] == {"diff": 0.0, "t": 0.0, "wins": 0, "n": 3}
     assert "region_wg" not in p  # not measured: no entry rather than a made-up one
+    equal = [dict(r, methods={"flyp": m(50.0), "ravl": m(53.0)}) for r in settings]  # no spread at all
+    t = summarize(equal, ["flyp", "ravl"])["paired_vs_flyp"]["ravl"]["image_wg"]["t"]
+    assert t == "inf" and json.loads(json.dumps(summary, allow_nan=False))  # strict JSON either way
+
+
+def test_vit_tower_avg_pool_is_the_mean_of_its_cells():
+    """With the ViT option and mean pooling, the whole-image embedding is the mean of the RoI embeddings
+    of its 2x2 grid cells (what ties RaVL's region losses to image-level zero-shot classification)."""
+    import open_clip
+    import torch
+
+    from trainer.bench.ravl_suite import model_config
+    from trainer.ravl import region_embeddings
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    for pool, tied in (("avg", True), ("tok", False)):
+        cfg = model_config(QuadPretrainConfig(vision="vit", vit_pool=pool, vit_layers=1))
+        assert cfg["vision_cfg"]["patch_size"] == 8 and cfg["vision_cfg"]["pool_type"] == pool
+        model = open_clip.CLIP(**cfg).eval()
+        with torch.no_grad():
+            cells, idx = region_embeddings(model, x, grid=(2, 2), mode="roi", normalize=False)
+            image = model.encode_image(x)
+        mean = torch.stack([cells[idx == i].mean(0) for i in range(len(x))])
+        assert torch.allclose(mean, image, atol=1e-5) is tied
+    resnet = QuadPretrainConfig()
+    assert resnet.hash() != QuadPretrainConfig(vision="vit").hash()
+    assert resnet.hash() == QuadPretrainConfig(vit_layers=7).hash()  # ViT fields do not rename ResNet models

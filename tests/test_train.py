@@ -229,3 +229,18 @@ def test_pretrained_from_local_safetensors_and_pt(tiny_config, tmp_path):
                 tiny_config, ["method=zeroshot", "name=x", f"pretrained={tmp_path / 'none.safetensors'}"]
             )
         )
+
+
+def test_freeze_text_trains_the_image_tower_only(tiny_config):
+    """`freeze_text` (locked-text fine-tuning, any method): text tower and logit scale end as they began."""
+    from accelerate.utils import set_seed
+
+    from trainer.model import build_clip
+
+    cfg = build_config(tiny_config, ["method=flyp", "name=locked", "freeze_text=true"])
+    set_seed(cfg.seed)  # what train() does before building the model: the same random init
+    init = {k: v.clone() for k, v in build_clip(cfg.model, cfg.pretrained)[0].state_dict().items()}
+    after = load_file(str(train(cfg) / "checkpoints" / "last.safetensors"))
+    changed = {k for k in init if not torch.equal(init[k], after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    assert "logit_scale" not in changed and "text_projection" not in changed

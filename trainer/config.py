@@ -105,6 +105,10 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float | None = Field(None, gt=0, description="max grad norm; null = no clipping")
     freeze_logit_scale: bool = False
+    freeze_text: bool = Field(
+        False,
+        description="train the image tower only (locked text, as RaVL's paper); freezes the logit scale",
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on a CUDA GPU that supports it, else no"
     )

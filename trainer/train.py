@@ -452,11 +452,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     head = None
     if method.objective == "ce":
         head = zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
-    if method.objective == "ce" or method.freeze_text:
+    freeze_text = method.freeze_text or cfg.freeze_text
+    if method.objective == "ce" or freeze_text:
         for name, p in clip.named_parameters():  # the image tower (and an ft head) only
             if not name.startswith("visual."):
                 p.requires_grad_(False)
-    if cfg.freeze_logit_scale or method.objective == "ce" or method.freeze_text:
+    if cfg.freeze_logit_scale or method.objective == "ce" or freeze_text:
         clip.logit_scale.requires_grad_(False)
     model = FineTuner(clip, head)
 

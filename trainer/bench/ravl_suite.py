@@ -68,29 +68,47 @@ class QuadPretrainConfig(_Frozen):
     logit_scale: float = 50.0  # fixed during pretraining
     rect_caption_prob: float = 0.5  # rectangle images whose caption mentions it
     embed_dim: int = 64
-    vision_width: int = 8  # ModifiedResNet stem width
+    vision: Literal["resnet", "vit"] = Field(
+        "resnet", description="image tower: ModifiedResNet (RegionCLIP-style RoI) or a ViT"
+    )
+    vision_width: int = 8  # ModifiedResNet stem width; the ViT's token width is 8x this
+    vit_layers: int = 4
+    vit_patch_size: int = 8  # 32 px images: a 4x4 token grid, 2x2 tokens a quadrant
+    vit_pool: Literal["tok", "avg"] = Field(
+        "avg",
+        description="ViT image embedding: the class token, or the mean of the patch tokens (then the"
+        " whole-image embedding is the mean of the RoI region embeddings of its cells)",
+    )
     text_width: int = 64
     text_layers: int = 2
     context_length: int = 16
     seed: int = 0
 
     def hash(self) -> str:
-        blob = json.dumps({"v": SUITE_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
+        fields = self.model_dump(mode="json")
+        if self.vision == "resnet":  # ResNet models keep the names they had before the ViT option
+            for k in ("vision", "vit_layers", "vit_patch_size", "vit_pool"):
+                fields.pop(k)
+        blob = json.dumps({"v": SUITE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def model_config(cfg: QuadPretrainConfig) -> dict[str, Any]:
-    """open_clip model config: ModifiedResNet image tower at 32 px, small text transformer."""
+    """open_clip model config: a ModifiedResNet or ViT image tower at 32 px, small text transformer."""
+    if cfg.vision == "resnet":
+        vision = {"layers": [1, 1, 1, 1], "width": cfg.vision_width, "head_width": 32, "patch_size": None}
+    else:
+        vision = {
+            "layers": cfg.vit_layers,
+            "width": 8 * cfg.vision_width,
+            "head_width": 16,
+            "patch_size": cfg.vit_patch_size,
+            "pool_type": cfg.vit_pool,
+        }
     return {
         "embed_dim": cfg.embed_dim,
         "init_logit_scale": math.log(cfg.logit_scale),
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": [1, 1, 1, 1],
-            "width": cfg.vision_width,
-            "head_width": 32,
-            "patch_size": None,
-        },
+        "vision_cfg": {"image_size": 32, **vision},
         "text_cfg": {
             "context_length": cfg.context_length,
             "vocab_size": 49408,
@@ -235,6 +253,11 @@ class RavlSuiteConfig(_Frozen):
     )
     ravl_tau: float = 0.07
     region_mode: Literal["crop", "roi"] = "roi"
+    lock_text: bool = Field(
+        False,
+        description="flyp and upsampled train the image tower only, as ravl does (RaVL's paper fine-tunes"
+        " every model with the text encoder frozen)",
+    )
     gap_threshold: float = Field(
         5.0, description="points: other classes' accuracy without − with the rectangle"
     )
@@ -453,7 +476,8 @@ def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
                     )
                 timing: dict[str, float] = {}
                 t = time.time()
-                flyp = _run(cfg, f"{key}-flyp", "flyp", train_csv, test_csv, zs, sd)
+                locked = {"freeze_text": True} if cfg.lock_text else {}
+                flyp = _run(cfg, f"{key}-flyp", "flyp", train_csv, test_csv, zs, sd, **locked)
                 timing["flyp_train"] = time.time() - t
                 t = time.time()
                 rep_dir = out / "reports" / flyp.name  # the audit of that flyp run
@@ -508,7 +532,7 @@ def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
                             else:
                                 flags = [False] * len(rows_)
                             _upsampled_csv(train_csv, [(y, f) for (_, y), f in zip(rows_, flags)], up_csv)
-                        run = _run(cfg, f"{key}-upsampled", "flyp", up_csv, test_csv, zs, sd)
+                        run = _run(cfg, f"{key}-upsampled", "flyp", up_csv, test_csv, zs, sd, **locked)
                     metrics = json.loads((run / "metrics.json").read_text())["final"]["test"]
                     methods[m] = {
                         "image_acc": round(metrics["top1"], 2),
@@ -597,7 +621,7 @@ def summarize(settings: list[dict], methods) -> dict[str, Any]:
 
 def _paired(settings: list[dict], method: str) -> dict[str, dict[str, Any]]:
     """`method` − flyp on the same setting, per metric: mean difference, paired t, wins / pairs."""
-    from trainer.bench.report import paired_t
+    from trainer.bench.report import json_t, paired_t
 
     out = {}
     for k in METRICS:
@@ -615,7 +639,7 @@ def _paired(settings: list[dict], method: str) -> dict[str, dict[str, Any]]:
         t = paired_t(a, b)
         out[k] = {
             "diff": round(float(np.mean(a) - np.mean(b)), 3),
-            "t": None if t is None else round(t, 2),
+            "t": json_t(t),  # "inf" when every difference is equal: results.json stays strict JSON
             "wins": sum(x > y for x, y in both),
             "n": len(both),
         }

@@ -93,7 +93,8 @@ def pairs(records: list[dict], row: str, other: str, col: str) -> tuple[list[flo
     return [mine[k] for k in common], [theirs[k] for k in common]
 
 
-def _t(t: float | None) -> float | str | None:
+def json_t(t: float | None) -> float | str | None:
+    """A t value for JSON: rounded, or "inf" / "-inf" as a string (JSON has no infinity)."""
     return None if t is None else (round(t, 2) if math.isfinite(t) else str(t))
 
 
@@ -131,13 +132,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 a, b = values(records, "starft", col), values(records, other, col)
                 if a and b:
                     diff = sum(a) / len(a) - sum(b) / len(b)
-                    tests[other][col] = {"diff": round(diff, 2), "t": _t(welch_t(a, b))}
+                    tests[other][col] = {"diff": round(diff, 2), "t": json_t(welch_t(a, b))}
                 pa, pb = pairs(records, "starft", other, col)
                 if pa:
                     d = [x - y for x, y in zip(pa, pb)]
                     paired[other][col] = {
                         "diff": round(sum(d) / len(d), 2),
-                        "t": _t(paired_t(pa, pb)),
+                        "t": json_t(paired_t(pa, pb)),
                         "n": len(d),
                         "wins": sum(x > 0 for x in d),
                     }
