@@ -150,3 +150,42 @@ def test_vit_tower_avg_pool_is_the_mean_of_its_cells():
     resnet = QuadPretrainConfig()
     assert resnet.hash() != QuadPretrainConfig(vision="vit").hash()
     assert resnet.hash() == QuadPretrainConfig(vit_layers=7).hash()  # ViT fields do not rename ResNet models
+
+
+def test_cli_ravl_suite_takes_set_seeds_and_steps_and_refuses_the_rest(tmp_path):
+    import typer
+    from ruamel.yaml import YAML
+    from typer.testing import CliRunner
+
+    from trainer.bench.cli import bench
+
+    app = typer.Typer()
+    app.command()(bench)
+    app.command()(lambda: None)  # two commands, so `bench` is a subcommand as in trainer's app
+    tiny = {
+        "classes": [3],
+        "n_train": 40,
+        "n_discover": 30,
+        "n_test": 30,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "pretrain": {"n_images": 64, "steps": 3, "batch_size": 16, "warmup_steps": 1},
+        "out_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "progress": False,
+    }
+    config = tmp_path / "ravl.yaml"
+    YAML(typ="safe", pure=True).dump(tiny, config.open("w"))
+    args = ["bench", "--suite", "ravl", "-c", str(config), "--threads", "1", "--seeds", "0", "--steps", "2"]
+    res = CliRunner().invoke(app, [*args, "--set", "methods=[flyp]", "--set", "pretrain.vit_layers=1"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "out" / "val" / "results.json").read_text())["config"]
+    assert got["seeds"] == [0] and got["steps"] == 2 and got["methods"] == ["flyp"]
+    assert got["pretrain"]["vit_layers"] == 1 and got["pretrain"]["steps"] == 3  # --set merges into -c
+    for extra, word in (
+        (["--lam", "0.3"], "ravl_lam"),
+        (["--rows", "flyp"], "--rows"),
+        (["--set", "nope=1"], "nope"),
+    ):
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output

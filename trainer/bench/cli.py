@@ -111,31 +111,39 @@ def _report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def _run_ravl(config: Path | None, split: str, out_dir: Path | None, threads: int) -> None:
+def _run_ravl(
+    config: Path | None, split: str, out_dir: Path | None, threads: int, sets: list[str] | None, **given
+) -> None:
+    """The RaVL suite: RavlSuiteConfig keys from -c and --set; --seeds, --lr, --steps mean what they say."""
+    unused = [
+        f"--{k.replace('_', '-')}"
+        for k, v in given.items()
+        if v is not None and k not in ("seeds", "lr", "steps")
+    ]
+    if unused:  # never ignore an option silently
+        hint = "; RaVL's λ is --set ravl_lam=..." if "--lam" in unused else ""
+        fail(f"--suite ravl does not use {', '.join(unused)}{hint} (its keys: trainer/bench/ravl_suite.py)")
+    from trainer.bench import ravl_suite
+
     try:
-        from trainer.bench import ravl_suite
-    except ImportError:
-        fail("the ravl suite (trainer.bench.ravl_suite) is not installed")
-    run = getattr(ravl_suite, "run_ravl_suite", None)
-    if run is None:
-        fail("trainer.bench.ravl_suite has no run_ravl_suite")
-    try:
+        from trainer.bench.suite import apply_sets
         from trainer.config import read_yaml
 
-        data = read_yaml(config) if config else {}
+        data = apply_sets(read_yaml(config) if config else {}, sets)
         data.update(split=split, threads=threads)
+        data.update({k: given[k] for k in ("seeds", "lr", "steps") if given.get(k) is not None})
         if out_dir is not None:
             data["out_dir"] = str(out_dir)
-        results = run(ravl_suite.RavlSuiteConfig.model_validate(data))
+        results = ravl_suite.run_ravl_suite(ravl_suite.RavlSuiteConfig.model_validate(data))
     except _user_errors() as e:
         fail(str(e))
-    show = getattr(ravl_suite, "print_results", None)
-    if show is not None:
-        show(results, out)
+    ravl_suite.print_results(results, out)
 
 
 def bench(
-    config: Path | None = typer.Option(None, "--config", "-c", help="bench YAML (BenchConfig keys)"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="bench YAML (BenchConfig keys; RavlSuiteConfig with --suite ravl)"
+    ),
     split: str = typer.Option("val", help="val (tune here) | test (once per setting)"),
     suite: str = typer.Option("starft", help="starft | ravl"),
     out_dir: Path | None = typer.Option(None, "--out", help="output folder (default: the config's out)"),
@@ -148,7 +156,9 @@ def bench(
     steps: int | None = typer.Option(None, help="fine-tuning steps"),
     bank: str | None = typer.Option(None, help="reviewed bank (default: latest with approved backgrounds)"),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="any BenchConfig key=value, dotted, YAML value: pretrain.world.bias_p=0.8"
+        None,
+        "--set",
+        help="any config key=value, dotted, YAML value: pretrain.world.bias_p=0.8 (ravl: lock_text=true)",
     ),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
@@ -158,7 +168,21 @@ def bench(
     if suite not in ("starft", "ravl"):
         raise typer.BadParameter("must be starft or ravl", param_hint="--suite")
     if suite == "ravl":
-        _run_ravl(config, split, out_dir, threads)
+        _run_ravl(
+            config,
+            split,
+            out_dir,
+            threads,
+            set_,
+            seeds=_ints(seeds, "--seeds"),
+            lr=lr,
+            steps=steps,
+            rows=rows,
+            pretrain_seeds=pretrain_seeds,
+            lam=lam,
+            kl_scale=kl_scale,
+            bank=bank,
+        )
         return
     try:
         from trainer.bench.suite import load_bench_config, run_bench

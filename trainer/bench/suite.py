@@ -466,12 +466,19 @@ def load_bench_config(
 ) -> BenchConfig:
     """A BenchConfig from a YAML file (or defaults), `key=value` overrides (dotted keys, YAML values:
     `pretrain.world.bias_p=0.8`), then non-None keyword overrides."""
+    from trainer.config import read_yaml
+
+    data = apply_sets(read_yaml(path) if path is not None else {}, sets)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig.model_validate(data)
+
+
+def apply_sets(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
+    """`key=value` overrides into a config dict, in place: dotted keys, YAML values (`pretrain.vision=vit`)."""
     from ruamel.yaml import YAML
 
-    from trainer.config import read_yaml
     from trainer.errors import ConfigError
 
-    data = read_yaml(path) if path is not None else {}
     for item in sets or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
@@ -483,14 +490,14 @@ def load_bench_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a mapping")
         node[last] = YAML(typ="safe", pure=True).load(text)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return BenchConfig.model_validate(data)
+    return data
 
 
 __all__ = [
     "ALL_ROWS",
     "COLUMNS",
     "BenchConfig",
+    "apply_sets",
     "bank_coverage",
     "find_reviewed_bank",
     "load_bench_config",
