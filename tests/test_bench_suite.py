@@ -291,3 +291,13 @@ def test_bias_gap_is_typical_minus_other_background():
     )  # no "other"
     world = WorldConfig()
     assert typical_backgrounds(world) == {world.class_names[d]: set(b) for d, b in world.typical_b.items()}
+
+
+def test_every_shipped_bench_config_loads():
+    """configs/bench-*.yaml are BenchConfig files the README's commands use: each must validate."""
+    from trainer.bench.suite import load_bench_config
+
+    paths = sorted((Path(__file__).parents[1] / "configs").glob("bench-*.yaml"))
+    assert len(paths) >= 4
+    names = {p.stem: load_bench_config(p).pretrain.world.class_names for p in paths}
+    assert names["bench-twin"][5] == "one twin" and names["bench-full"][5] == "five"
