@@ -112,17 +112,14 @@ def _report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def _run_ravl(
-    config: Path | None, split: str, out_dir: Path | None, threads: int, sets: list[str] | None, **given
+    config: Path | None, sets: list[str] | None, overrides: dict[str, Any], unused: dict[str, Any]
 ) -> None:
-    """The RaVL suite: RavlSuiteConfig keys from -c and --set; --seeds, --lr, --steps mean what they say."""
-    unused = [
-        f"--{k.replace('_', '-')}"
-        for k, v in given.items()
-        if v is not None and k not in ("seeds", "lr", "steps")
-    ]
-    if unused:  # never ignore an option silently
-        hint = "; RaVL's λ is --set ravl_lam=..." if "--lam" in unused else ""
-        fail(f"--suite ravl does not use {', '.join(unused)}{hint} (its keys: trainer/bench/ravl_suite.py)")
+    """The RaVL suite: RavlSuiteConfig keys from -c, then --set, then the options it shares with the
+    starft suite (`overrides`, None = not given); an option it does not use (`unused`) is refused."""
+    given = [opt for opt, v in unused.items() if v is not None]
+    if given:  # never ignore an option silently
+        hint = "; RaVL's λ is --set ravl_lam=..." if "--lam" in given else ""
+        fail(f"--suite ravl does not use {', '.join(given)}{hint} (its keys: trainer/bench/ravl_suite.py)")
     from trainer.bench import ravl_suite
 
     try:
@@ -130,10 +127,7 @@ def _run_ravl(
         from trainer.config import read_yaml
 
         data = apply_sets(read_yaml(config) if config else {}, sets)
-        data.update(split=split, threads=threads)
-        data.update({k: given[k] for k in ("seeds", "lr", "steps") if given.get(k) is not None})
-        if out_dir is not None:
-            data["out_dir"] = str(out_dir)
+        data.update({k: v for k, v in overrides.items() if v is not None})
         results = ravl_suite.run_ravl_suite(ravl_suite.RavlSuiteConfig.model_validate(data))
     except _user_errors() as e:
         fail(str(e))
@@ -170,18 +164,22 @@ def bench(
     if suite == "ravl":
         _run_ravl(
             config,
-            split,
-            out_dir,
-            threads,
             set_,
-            seeds=_ints(seeds, "--seeds"),
-            lr=lr,
-            steps=steps,
-            rows=rows,
-            pretrain_seeds=pretrain_seeds,
-            lam=lam,
-            kl_scale=kl_scale,
-            bank=bank,
+            {
+                "split": split,
+                "threads": threads,
+                "out_dir": str(out_dir) if out_dir else None,
+                "seeds": _ints(seeds, "--seeds"),
+                "lr": lr,
+                "steps": steps,
+            },
+            {
+                "--rows": rows,
+                "--pretrain-seeds": pretrain_seeds,
+                "--lam": lam,
+                "--kl-scale": kl_scale,
+                "--bank": bank,
+            },
         )
         return
     try:
