@@ -197,6 +197,9 @@ class TestConfig:
         (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
         with pytest.raises(ConfigError, match="YAML error"):
             load_config(tmp_path / "bad.yaml")
+        (tmp_path / "bad2.yaml").write_text("lr: 1e-5\nname: [x\nseed: 0\n")
+        with pytest.raises(ConfigError, match=r"bad2\.yaml:\d+: YAML error"):  # file:line
+            load_config(tmp_path / "bad2.yaml")
 
     def test_example_configs_validate(self):
         from pathlib import Path

@@ -188,7 +188,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = YAML(typ="safe", pure=True).load(text)
     except YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: YAML error: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

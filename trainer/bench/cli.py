@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -31,6 +31,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from trainer.errors import TrainerError
 
     return (TrainerError, DescgenError, ValidationError, FileNotFoundError)
+
+
+def _fail_with(e: Exception) -> NoReturn:
+    """One line for a user error; a schema error names its first offending key (trainer's describe_error)."""
+    from pydantic import ValidationError
+
+    from trainer.config import describe_error
+
+    fail(describe_error(e) if isinstance(e, ValidationError) else str(e))
 
 
 def _ints(text: str | None, option: str) -> list[int] | None:
@@ -96,7 +105,7 @@ def pretrain(
             run_dir = get_pretrained(pcfg, cfg.cache_dir, threads=threads, progress=True, force=force)
             rows.append((seed, run_dir, read_meta(run_dir)))
     except _user_errors() as e:
-        fail(str(e))
+        _fail_with(e)
     out.print(_zero_shot_table(rows, split))
     for seed, run_dir, _ in rows:
         out.print(f"seed {seed}: {run_dir}", markup=False, highlight=False)
@@ -130,7 +139,7 @@ def _run_ravl(
         data.update({k: v for k, v in overrides.items() if v is not None})
         results = ravl_suite.run_ravl_suite(ravl_suite.RavlSuiteConfig.model_validate(data))
     except _user_errors() as e:
-        fail(str(e))
+        _fail_with(e)
     ravl_suite.print_results(results, out)
 
 
@@ -202,7 +211,7 @@ def bench(
         )
         results = run_bench(cfg)
     except _user_errors() as e:
-        fail(str(e))
+        _fail_with(e)
     _report(results, Path(cfg.out))
 
 
@@ -239,7 +248,7 @@ def demo(
         )
         results = run_bench(cfg)
     except _user_errors() as e:
-        fail(str(e))
+        _fail_with(e)
     _report(results, out_dir)
     err.print(f"demo finished in {time.time() - t0:.0f} s", highlight=False)
 
