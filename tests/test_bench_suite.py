@@ -115,6 +115,10 @@ def test_paired_comparison_matches_runs_by_seeds():
 
     assert paired_t([1.0], [0.0]) is None
     assert paired_t([2.0, 3.0], [1.0, 2.0]) == float("inf")  # every pair +1
+    # Equal differences up to float rounding are equal, not a t of -1e13.
+    assert paired_t([90.2, 90.1], [90.3, 90.2]) == float("-inf")
+    assert welch_t([90.2, 90.2], [90.3, 90.3]) == float("-inf")
+    assert paired_t([0.1 + 0.2, 0.3], [0.3, 0.1 + 0.2]) == 0.0
     assert paired_t([3.0, 2.0, 7.0], [1.0, 1.0, 1.0]) == pytest.approx(3.0 / (2.6458 / 3**0.5), rel=1e-4)
     # Large between-seed spread, constant +1 within each seed: Welch sees nothing, the paired test sees it.
     recs = [
