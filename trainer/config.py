@@ -177,6 +177,16 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` overrides into a config mapping, in place: dotted keys, YAML values."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), _parse_value(value))
+    return data
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -214,12 +224,7 @@ def describe_error(err: ValidationError) -> str:
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
     """Validate a config mapping plus `key=value` overrides and non-None keyword fields."""
-    data = json.loads(json.dumps(data))  # deep copy, plain types
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        _set_dotted(data, key.strip(), _parse_value(value))
+    data = apply_overrides(json.loads(json.dumps(data)), overrides)  # deep copy, plain types
     for key, value in fields.items():
         if value is not None:
             _set_dotted(data, key, value)

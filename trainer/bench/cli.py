@@ -132,12 +132,10 @@ def _run_ravl(
     from trainer.bench import ravl_suite
 
     try:
-        from trainer.bench.suite import apply_sets
-        from trainer.config import read_yaml
+        from trainer.bench.suite import config_data
 
-        data = apply_sets(read_yaml(config) if config else {}, sets)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        results = ravl_suite.run_ravl_suite(ravl_suite.RavlSuiteConfig.model_validate(data))
+        cfg = ravl_suite.RavlSuiteConfig.model_validate(config_data(config, sets, overrides))
+        results = ravl_suite.run_ravl_suite(cfg)
     except _user_errors() as e:
         _fail_with(e)
     ravl_suite.print_results(results, out)

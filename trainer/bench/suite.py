@@ -461,44 +461,29 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
+def config_data(path: str | Path | None, sets: list[str] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping: the YAML file (or nothing), then `key=value` overrides (dotted keys, YAML values:
+    `pretrain.world.bias_p=0.8`), then the non-None entries of `overrides`."""
+    from trainer.config import apply_overrides, read_yaml
+
+    data = apply_overrides(read_yaml(path) if path is not None else {}, sets)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data
+
+
 def load_bench_config(
     path: str | Path | None, sets: list[str] | None = None, **overrides: Any
 ) -> BenchConfig:
-    """A BenchConfig from a YAML file (or defaults), `key=value` overrides (dotted keys, YAML values:
-    `pretrain.world.bias_p=0.8`), then non-None keyword overrides."""
-    from trainer.config import read_yaml
-
-    data = apply_sets(read_yaml(path) if path is not None else {}, sets)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return BenchConfig.model_validate(data)
-
-
-def apply_sets(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
-    """`key=value` overrides into a config dict, in place: dotted keys, YAML values (`pretrain.vision=vit`)."""
-    from ruamel.yaml import YAML
-
-    from trainer.errors import ConfigError
-
-    for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        node = data
-        *parents, last = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a mapping")
-        node[last] = YAML(typ="safe", pure=True).load(text)
-    return data
+    """A BenchConfig from a YAML file (or defaults), `--set` overrides, then non-None keyword overrides."""
+    return BenchConfig.model_validate(config_data(path, sets, overrides))
 
 
 __all__ = [
     "ALL_ROWS",
     "COLUMNS",
     "BenchConfig",
-    "apply_sets",
     "bank_coverage",
+    "config_data",
     "find_reviewed_bank",
     "load_bench_config",
     "metrics_row",
