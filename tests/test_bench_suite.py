@@ -79,7 +79,7 @@ def test_tiny_bench_report_files(tiny_results, tmp_path):
     assert "wise_starft" in text
 
 
-def test_finished_runs_are_reused(tiny_results):
+def test_finished_runs_are_reused(tiny_results, capsys):
     cfg, results = tiny_results
     again = run_bench(cfg.model_copy(update={"rows": ["flyp"]}))
     first = next(r for r in results["records"] if r["row"] == "flyp")
@@ -90,8 +90,12 @@ def test_finished_runs_are_reused(tiny_results):
     recorded = json.loads((Path(first["run_dir"]) / "metrics.json").read_text())
     assert again["records"][0]["seconds"] == round(recorded["seconds"], 1) > 0
     assert again["records"][0]["cpu_seconds"] == round(recorded["cpu_seconds"], 1) > 0
-    other = run_bench(cfg.model_copy(update={"rows": ["flyp"], "lr": 1e-4}))  # other settings: a new run
+    capsys.readouterr()
+    other = run_bench(cfg.model_copy(update={"rows": ["flyp"], "lr": 1e-4, "progress": True}))  # a new run
     assert other["records"][0]["run_dir"] != first["run_dir"]
+    # its progress line names the row and its figures as a reused one does, with the time it took
+    m = other["records"][0]["metrics"]
+    assert f"[1/1] p0 flyp s0: ID {m['id']:.1f}  B worst {m['b_worst']:.1f}" in capsys.readouterr().err
 
 
 def test_welch_t_and_summary():
@@ -158,6 +162,34 @@ def test_oracle_bank_and_reviewed_bank(tmp_path):
     assert write_oracle_bank(world, tmp_path) == path  # reused, never rewritten
     reviewed = find_reviewed_bank("banks")
     assert load_bank(reviewed).approved(["background"])
+
+
+def test_oracle_bank_written_by_a_concurrent_process_is_reused(tmp_path, monkeypatch):
+    """Two bench processes (one per pretraining seed) share a world and so an oracle bank: the one that
+    finds the file missing but loses the race to write it reuses the other's file, it does not fail."""
+    import copy
+
+    from descgen.bank import BankDoc, load_bank
+
+    save = BankDoc.save
+
+    def lose_the_race(self, *args, **kwargs):
+        save(copy.deepcopy(self), *args, **kwargs)  # the other process writes first
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(BankDoc, "save", lose_the_race)
+    path = write_oracle_bank(WorldConfig(), tmp_path)
+    assert load_bank(path).approved(["background"])
+
+
+def test_every_row_has_its_own_plot_colour():
+    from trainer.bench.report import ROW_COLOURS
+    from trainer.bench.suite import ALL_ROWS
+
+    assert set(ROW_COLOURS) == set(ALL_ROWS)
+    # a row and its WiSE-FT share a colour (told apart by the marker); no two other rows do
+    base = {c for r, c in ROW_COLOURS.items() if not r.startswith("wise_")}
+    assert len(base) == len(ALL_ROWS) - 2
 
 
 def test_config_rejects_unknown_rows():

@@ -280,6 +280,23 @@ def _diff_lines(x: dict[str, Any] | None) -> str:
     return f"{x['diff']:+.1f}\nt {tt}\n{x['wins']}/{x['n']}"
 
 
+# One fixed colour per row, the same in every plot: baselines blue, the KL ablations green / purple /
+# orange, starft red (and its WiSE-FT a red square), zero-shot grey.
+ROW_COLOURS = {
+    "zeroshot": "tab:gray",
+    "ft": "tab:brown",
+    "flyp": "tab:blue",
+    "flyp_lowlr": "tab:cyan",
+    "kl": "tab:olive",
+    "starft": "tab:red",
+    "clean": "tab:green",
+    "random": "tab:purple",
+    "oracle": "tab:orange",
+    "wise_flyp": "tab:blue",
+    "wise_starft": "tab:red",
+}
+
+
 def plot(results: dict[str, Any], path: str | Path) -> Path:
     """PNG: task-B worst group against ID accuracy, one point per run, one colour per row."""
     import matplotlib
@@ -289,19 +306,22 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
 
     records = results["records"]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    cmap = plt.get_cmap("tab20")
-    for i, row in enumerate(r for r in ALL_ROWS if any(rec["row"] == r for rec in records)):
+    for row in (r for r in ALL_ROWS if any(rec["row"] == r for rec in records)):
         pts = [(r["metrics"]["id"], r["metrics"]["b_worst"]) for r in records if r["row"] == row]
         pts = [p for p in pts if p[0] is not None and p[1] is not None]
         if pts:
-            marker = "*" if row == "starft" else ("s" if row.startswith("wise") else "o")
+            star = row == "starft"
             ax.scatter(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 label=row,
-                color=cmap(i),
-                marker=marker,
-                s=90 if row == "starft" else 40,
+                color=ROW_COLOURS.get(row, "black"),
+                marker="*" if star else ("s" if row.startswith("wise") else "o"),
+                s=160 if star else 40,
+                edgecolors="black" if star else "none",
+                linewidths=0.6,
+                alpha=1.0 if star else 0.8,
+                zorder=3 if star else 2,  # the method on top of the ablations it sits among
             )
     ax.set_xlabel("ID accuracy, task A (%)")
     ax.set_ylabel("task-B worst group (%)")

@@ -149,6 +149,7 @@ def bank_phrases(bank_path: str | Path, concepts: list[str]) -> list[str]:
 def write_oracle_bank(world: WorldConfig, cache_dir: str | Path) -> Path:
     """A bank of the world's true background phrases (manual, approved), in the cache dir; reused if present."""
     from descgen.bank import BankDoc
+    from descgen.errors import BankError
     from descgen.schema import Concept, Descriptor, make_template, slug
     from trainer.bench.vocab import scene_for
 
@@ -177,7 +178,12 @@ def write_oracle_bank(world: WorldConfig, cache_dir: str | Path) -> Path:
                 )
             )
     doc.add_descriptors("background", descriptors)
-    return doc.save(out=out)  # exclusive create: never overwrites
+    try:
+        return doc.save(out=out)  # exclusive create: never overwrites
+    except BankError:
+        if out.is_file():  # a concurrent bench process (same world, another pretraining seed) wrote it first
+            return out
+        raise
 
 
 def bank_coverage(bank_path: str | Path, concepts: list[str], world: WorldConfig) -> dict[str, Any]:
@@ -419,13 +425,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             }
             records.append(rec)
             m = rec["metrics"]
+            how = "reused" if metrics.get("reused") else f"{seconds:.0f} s"
             _say(
                 cfg,
                 f"[{job}/{n_jobs}] p{pseed} {row} s{seed}: ID {m.get('id', float('nan')):.1f}  "
-                f"B worst {m.get('b_worst', float('nan')):.1f}  B avg {m.get('b_avg', float('nan')):.1f}  "
-                "(reused)"
-                if metrics.get("reused")
-                else f"({seconds:.0f} s)",
+                f"B worst {m.get('b_worst', float('nan')):.1f}  B avg {m.get('b_avg', float('nan')):.1f}  ({how})",
             )
 
         if "zeroshot" in rows:
