@@ -315,7 +315,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 label=row,
-                color=ROW_COLOURS.get(row, "black"),
+                color=ROW_COLOURS[row],
                 marker="*" if star else ("s" if row.startswith("wise") else "o"),
                 s=160 if star else 40,
                 edgecolors="black" if star else "none",
