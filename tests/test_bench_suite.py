@@ -12,7 +12,14 @@ import pytest
 
 from tests.test_bench_pretrain import tiny_pretrain_config
 from trainer.bench.report import summarize, welch_t, write_report
-from trainer.bench.suite import BenchConfig, bank_coverage, find_reviewed_bank, run_bench, write_oracle_bank
+from trainer.bench.suite import (
+    BenchConfig,
+    bank_coverage,
+    find_reviewed_bank,
+    row_config,
+    run_bench,
+    write_oracle_bank,
+)
 from trainer.bench.world import WorldConfig
 
 
@@ -190,6 +197,18 @@ def test_every_row_has_its_own_plot_colour():
     # a row and its WiSE-FT share a colour (told apart by the marker); no two other rows do
     base = {c for r, c in ROW_COLOURS.items() if not r.startswith("wise_")}
     assert len(base) == len(ALL_ROWS) - 2
+
+
+def test_kl_lr_sets_the_lr_of_the_kl_rows_only(tmp_path):
+    cfg = tiny_bench(tmp_path, lr=3e-5, flyp_low_lr=2e-5, kl_lr=5e-5)
+    banks = {"reviewed": "r.yaml", "oracle": "o.yaml"}
+
+    def lr(row: str, c: BenchConfig = cfg) -> float:
+        return row_config(c, row, 0, tmp_path, {"train": {}}, banks, tmp_path)["lr"]
+
+    assert {r: lr(r) for r in ("ft", "flyp", "flyp_lowlr")} == {"ft": 3e-5, "flyp": 3e-5, "flyp_lowlr": 2e-5}
+    assert {lr(r) for r in ("kl", "starft", "clean", "random", "oracle")} == {5e-5}
+    assert lr("starft", cfg.model_copy(update={"kl_lr": None})) == 3e-5
 
 
 def test_config_rejects_unknown_rows():

@@ -153,7 +153,7 @@ def bench(
     pretrain_seeds: str | None = typer.Option(None, "--pretrain-seeds", help="e.g. 0,1"),
     lam: float | None = typer.Option(None, help="λ of the regulariser"),
     kl_scale: float | None = typer.Option(None, "--kl-scale", help="logit scale in the KL"),
-    lr: float | None = typer.Option(None, help="fine-tuning lr"),
+    lr: float | None = typer.Option(None, help="fine-tuning lr (the KL rows' own: --set kl_lr=)"),
     steps: int | None = typer.Option(None, help="fine-tuning steps"),
     bank: str | None = typer.Option(None, help="reviewed bank (default: latest with approved backgrounds)"),
     set_: list[str] | None = typer.Option(

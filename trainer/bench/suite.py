@@ -91,6 +91,9 @@ class BenchConfig(BaseModel):
     positives: Literal["index", "label"] = "index"
     # --- regulariser (kl, starft, clean, random, oracle) ---
     lam: float = Field(1.0, ge=0)
+    kl_lr: float | None = Field(
+        None, gt=0, description="lr of the KL rows (kl, starft, clean, random, oracle); None = lr"
+    )
     lam_decay: Literal["epoch", "step", "none"] = "epoch"
     kl_scale: float | None = Field(None, gt=0, description="logit scale in the KL; None = the teacher's")
     bank: str | None = Field(None, description="reviewed descgen bank; None = latest banks/vN.yaml with one")
@@ -259,6 +262,7 @@ def row_config(
     }
     if method in ("kl", "starft"):
         c.update(lam=cfg.lam, lam_decay=cfg.lam_decay, kl_scale=cfg.kl_scale, concepts=cfg.concepts)
+        c["lr"] = cfg.kl_lr or cfg.lr
         c["spurious"] = {"clean": "none", "random": "random"}.get(row, "bank")
         if c["spurious"] == "bank":
             c["bank"] = banks["oracle" if row == "oracle" else "reviewed"]
