@@ -238,6 +238,11 @@ def row_config(
     method = {"ft": "ft", "flyp": "flyp", "flyp_lowlr": "flyp", "kl": "kl", "zeroshot": "zeroshot"}.get(
         row, "starft"
     )
+    lr = cfg.lr
+    if row == "flyp_lowlr":
+        lr = cfg.flyp_low_lr
+    elif method in ("kl", "starft"):
+        lr = cfg.kl_lr or cfg.lr
     c: dict[str, Any] = {
         "name": f"{row}-s{seed}",
         "method": method,
@@ -248,7 +253,7 @@ def row_config(
         "templates": cfg.templates,
         "batch_size": cfg.batch_size,
         "total_steps": cfg.steps,
-        "lr": cfg.flyp_low_lr if row == "flyp_lowlr" else cfg.lr,
+        "lr": lr,
         "weight_decay": cfg.weight_decay,
         "warmup_steps": cfg.warmup_steps,
         "freeze_logit_scale": cfg.freeze_logit_scale,
@@ -262,7 +267,6 @@ def row_config(
     }
     if method in ("kl", "starft"):
         c.update(lam=cfg.lam, lam_decay=cfg.lam_decay, kl_scale=cfg.kl_scale, concepts=cfg.concepts)
-        c["lr"] = cfg.kl_lr or cfg.lr
         c["spurious"] = {"clean": "none", "random": "random"}.get(row, "bank")
         if c["spurious"] == "bank":
             c["bank"] = banks["oracle" if row == "oracle" else "reviewed"]
