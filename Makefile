@@ -29,15 +29,15 @@ test-fast: install
 # The main job: reviewed bank -> cached zero-shot model -> flyp and starft fine-tuned -> table + plot.
 demo: install
 	$(VENV)/bin/descgen validate $$(ls banks/v*.yaml | sort -V | tail -n 1)
-	$(VENV)/bin/trainer demo --threads $(THREADS)
+	$(PY) -m bench demo --threads $(THREADS)
 
 # The fuller benchmark: every row, several pretraining and fine-tuning seeds (hours on 2 CPU cores).
 bench: install
-	$(VENV)/bin/trainer bench --threads $(THREADS)
+	$(PY) -m bench run --threads $(THREADS)
 
 lint: install
-	$(VENV)/bin/ruff check descgen trainer tests
-	$(VENV)/bin/ruff format --check descgen trainer tests
+	$(VENV)/bin/ruff check descgen trainer bench tests
+	$(VENV)/bin/ruff format --check descgen trainer bench tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Procedural background renderers of the synthetic world, one per scene word.
 
-    from trainer.bench.backgrounds import RENDERERS; img = RENDERERS["snow"](rng, 32)  # (32, 32, 3) floats
+    from bench.backgrounds import RENDERERS; img = RENDERERS["snow"](rng, 32)  # (32, 32, 3) floats
 
 Each renderer has its own palette and texture (noise, stripes, dots, gradients, shapes) so a small conv net
 tells them apart, and draws its own colour and layout jitter from `rng`, so no two images are alike.

@@ -1,12 +1,13 @@
-"""Command functions of the benchmark: `trainer pretrain`, `trainer bench`, `trainer demo`.
+"""The benchmark's command line: `python -m bench pretrain | run | demo`.
 
-    app.command()(pretrain); app.command()(bench); app.command()(demo)   # registered in trainer/cli.py
+    python -m bench demo                      # the main job (`make demo`)
+    python -m bench run -c bench/configs/full.yaml --split val
 
-Plain functions with typer.Option defaults, so trainer/cli.py decides where they hang. Each one builds a
-config, calls one library function, prints with rich: tables to stdout, progress and notes to stderr.
+Each command builds a config, calls one library function, prints with rich: tables to stdout, progress
+and notes to stderr. The benchmark imports trainer; trainer never imports the benchmark.
 """
 
-# ruff: noqa: B008  -- typer.Option defaults are how these functions declare their options (registered in trainer/cli.py)
+# ruff: noqa: B008  -- typer.Option defaults are how these commands declare their options
 
 from __future__ import annotations
 
@@ -15,30 +16,33 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from trainer.errors import fail
+from bench import ravl_suite
+from bench.pretrain import get_pretrained, read_meta
+from bench.report import write_report
+from bench.suite import config_data, find_reviewed_bank, load_bench_config, run_bench
+from trainer.config import describe_error
+from trainer.errors import USER_ERRORS, fail
 
+app = typer.Typer(
+    help="The synthetic benchmark: pretrain a small zero-shot model, fine-tune it with every method, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from pydantic import ValidationError
-
-    from descgen.errors import DescgenError
-    from trainer.errors import TrainerError
-
-    return (TrainerError, DescgenError, ValidationError, FileNotFoundError)
+# trainer's and descgen's errors, plus a bench config's schema errors and missing files
+BENCH_ERRORS = (*USER_ERRORS, ValidationError, FileNotFoundError)
 
 
 def _fail_with(e: Exception) -> NoReturn:
     """One line for a user error; a schema error names its first offending key (trainer's describe_error)."""
-    from pydantic import ValidationError
-
-    from trainer.config import describe_error
-
     fail(describe_error(e) if isinstance(e, ValidationError) else str(e))
 
 
@@ -83,6 +87,7 @@ def _zero_shot_table(rows: list[tuple[int, Path, dict[str, Any]]], split: str) -
     return t
 
 
+@app.command()
 def pretrain(
     config: Path | None = typer.Option(None, "--config", "-c", help="bench YAML (its `pretrain:` section)"),
     seeds: str | None = typer.Option(None, help="pretraining seeds, e.g. 0,1 (default: the config's)"),
@@ -95,16 +100,13 @@ def pretrain(
     if split not in ("val", "test"):
         raise typer.BadParameter("must be val or test", param_hint="--split")
     try:
-        from trainer.bench.pretrain import get_pretrained, read_meta
-        from trainer.bench.suite import load_bench_config
-
         cfg = load_bench_config(config, pretrain_seeds=_ints(seeds, "--seeds"), cache_dir=cache_dir)
         rows = []
         for seed in cfg.pretrain_seeds:
             pcfg = cfg.pretrain.model_copy(update={"seed": seed})
             run_dir = get_pretrained(pcfg, cfg.cache_dir, threads=threads, progress=True, force=force)
             rows.append((seed, run_dir, read_meta(run_dir)))
-    except _user_errors() as e:
+    except BENCH_ERRORS as e:
         _fail_with(e)
     out.print(_zero_shot_table(rows, split))
     for seed, run_dir, _ in rows:
@@ -112,7 +114,6 @@ def pretrain(
 
 
 def _report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    from trainer.bench.report import write_report
 
     paths = write_report(results, out_dir, console=out)
     for name, p in paths.items():
@@ -128,19 +129,17 @@ def _run_ravl(
     given = [opt for opt, v in unused.items() if v is not None]
     if given:  # never ignore an option silently
         hint = "; RaVL's λ is --set ravl_lam=..." if "--lam" in given else ""
-        fail(f"--suite ravl does not use {', '.join(given)}{hint} (its keys: trainer/bench/ravl_suite.py)")
-    from trainer.bench import ravl_suite
+        fail(f"--suite ravl does not use {', '.join(given)}{hint} (its keys: bench/ravl_suite.py)")
 
     try:
-        from trainer.bench.suite import config_data
-
         cfg = ravl_suite.RavlSuiteConfig.model_validate(config_data(config, sets, overrides))
         results = ravl_suite.run_ravl_suite(cfg)
-    except _user_errors() as e:
+    except BENCH_ERRORS as e:
         _fail_with(e)
     ravl_suite.print_results(results, out)
 
 
+@app.command("run")
 def bench(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="bench YAML (BenchConfig keys; RavlSuiteConfig with --suite ravl)"
@@ -190,8 +189,6 @@ def bench(
         )
         return
     try:
-        from trainer.bench.suite import load_bench_config, run_bench
-
         cfg = load_bench_config(
             config,
             set_,
@@ -208,18 +205,19 @@ def bench(
             threads=threads,
         )
         results = run_bench(cfg)
-    except _user_errors() as e:
+    except BENCH_ERRORS as e:
         _fail_with(e)
     _report(results, Path(cfg.out))
 
 
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="output folder"),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="bench YAML (default settings otherwise)"
     ),
     seeds: str = typer.Option("0", help="fine-tuning seeds (1-2 fit in 15 minutes)"),
-    split: str = typer.Option("val", help="val | test (settings are fixed; tune with `bench --split val`)"),
+    split: str = typer.Option("val", help="val | test (settings are fixed; tune with `run --split val`)"),
     steps: int | None = typer.Option(None, help="fine-tuning steps (default: the config's, 300)"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
@@ -228,8 +226,6 @@ def demo(
         raise typer.BadParameter("must be val or test", param_hint="--split")
     t0 = time.time()
     try:
-        from trainer.bench.suite import find_reviewed_bank, load_bench_config, run_bench
-
         base = load_bench_config(config)
         bank = base.bank or str(find_reviewed_bank(base.banks_dir, tuple(base.concepts)))
         err.print(f"reviewed bank: {bank}", highlight=False)
@@ -245,10 +241,11 @@ def demo(
             threads=threads,
         )
         results = run_bench(cfg)
-    except _user_errors() as e:
+    except BENCH_ERRORS as e:
         _fail_with(e)
     _report(results, out_dir)
     err.print(f"demo finished in {time.time() - t0:.0f} s", highlight=False)
 
 
-__all__ = ["bench", "demo", "pretrain"]
+if __name__ == "__main__":
+    app()

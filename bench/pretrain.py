@@ -1,6 +1,6 @@
 """Pretrain the benchmark's zero-shot model: a small open_clip CLIP trained from scratch on the synthetic world.
 
-    from trainer.bench.pretrain import PretrainConfig, get_pretrained; run_dir = get_pretrained(PretrainConfig())
+    from bench.pretrain import PretrainConfig, get_pretrained; run_dir = get_pretrained(PretrainConfig())
 
 The result is cached in `<root>/zeroshot-<hash>/` (hash of the config, its world and the seed):
 `model.json` (open_clip model config), `model.safetensors`, `meta.json` (configs, pretraining metrics,
@@ -32,12 +32,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors.torch import load_file, save_file
 
-from trainer.bench.vocab import NUMBER_WORDS, caption_vocabulary
-from trainer.bench.world import SplitData, WorldConfig, build_split, pretrain_caption, typical_for
+from bench.vocab import NUMBER_WORDS, caption_vocabulary
+from bench.world import SplitData, WorldConfig, build_split, pretrain_caption, typical_for
+from trainer.losses import soft_clip_loss
+from trainer.schedules import cosine_lr
 
 PRETRAIN_VERSION = 5  # bump when the recipe changes, so caches are not reused
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
@@ -159,30 +171,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def multi_positive_clip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: float | torch.Tensor,
-    same: torch.Tensor,
-) -> torch.Tensor:
-    """Symmetric CLIP loss where `same[i, j]` marks caption j as a positive of image i (and image i as one of
-    caption j).
-
-    Args:
-        image_features: (B, D) normalised.
-        text_features: (B, D) normalised.
-        same: (B, B) bool with a true diagonal (identical captions, or captions that describe the image;
-            need not be symmetric).
-    """
-    logits = logit_scale * image_features @ text_features.T
-    same = same.float()
-    target_i = same / same.sum(1, keepdim=True)
-    target_t = same.T / same.T.sum(1, keepdim=True)
-    loss_i = -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t = -(target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
-    return (loss_i + loss_t) / 2
 
 
 def describes(contents: list[dict], records: list[dict]) -> torch.Tensor:
@@ -337,13 +325,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def _scale_at(step: int, cfg: PretrainConfig) -> float:
     # A sharp scale on random features puts all gradient on a few hard negatives; start soft, end at CLIP's.
     ramp = cfg.logit_ramp * cfg.steps
@@ -355,7 +336,6 @@ def _scale_at(step: int, cfg: PretrainConfig) -> float:
 
 def build_model(cfg: PretrainConfig):
     """A freshly initialised open_clip CLIP for `cfg`, and its tokenizer."""
-    import open_clip
 
     torch.manual_seed(cfg.seed)
     model = open_clip.model.CLIP(**model_config(cfg))
@@ -371,15 +351,6 @@ def pretrain(
     force: bool = False,
 ) -> Path:
     """Pretrain the zero-shot model and write it to its cache folder (reused unless `force`). Returns the folder."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from safetensors.torch import save_file
 
     out = run_dir_for(cfg, root)
     if (out / "meta.json").exists() and not force:
@@ -452,10 +423,10 @@ def pretrain(
             if cfg.positives == "describes":
                 same = same | describes(contents, [records[i] for i in idx.tolist()])
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
             img_f = F.normalize(model.encode_image(x), dim=-1)
             txt_f = F.normalize(model.encode_text(tokens), dim=-1)
-            loss = multi_positive_clip_loss(img_f, txt_f, _scale_at(step, cfg), same)
+            loss = soft_clip_loss(img_f, txt_f, _scale_at(step, cfg), same)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -466,7 +437,7 @@ def pretrain(
                     {
                         "step": step,
                         "loss": round(loss_m, 4),
-                        "lr": _lr_at(step, cfg),
+                        "lr": cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps),
                         "scale": _scale_at(step, cfg),
                     }
                 )
@@ -552,8 +523,6 @@ def load_pretrained(run_dir: str | Path):
     Registers `model.json` under the name "model" (open_clip names a config file by its stem); the last
     registered folder wins that name, so load one folder at a time or use `local-dir:` instead.
     """
-    import open_clip
-    from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
     open_clip.add_model_config(run_dir / "model.json")
@@ -585,7 +554,6 @@ __all__ = [
     "get_pretrained",
     "load_pretrained",
     "model_config",
-    "multi_positive_clip_loss",
     "pretrain",
     "pretrain_vocabulary",
     "read_meta",
@@ -593,33 +561,3 @@ __all__ = [
     "summary",
     "zero_shot_report",
 ]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Stop-gap entry point until `trainer pretrain` exists: pretrain (or reuse) and print the figures."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m trainer.bench.pretrain", description=main.__doc__)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--root", default=".cache/bench")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-every", type=int, default=0)
-    args = ap.parse_args(argv)
-    cfg = PretrainConfig(seed=args.seed, eval_every=args.eval_every)
-    run_dir = get_pretrained(cfg, args.root, threads=args.threads)
-    meta = read_meta(run_dir)
-    print(run_dir)
-    print(
-        json.dumps(
-            {
-                "logit_scale": meta["logit_scale"],
-                "wall_seconds": meta["wall_seconds"],
-                "zero_shot": meta["zero_shot"],
-            },
-            indent=1,
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """RaVL's controlled setting with real handwritten digits (scikit-learn's bundled 8×8 digits), offline.
 
-    from trainer.ravl_data import write_quadrant_split
+    from bench.ravl_data import write_quadrant_split
     write_quadrant_split("data/ravl", "train", 2000, spurious_class=3, strength=0.9, seed=0, pool="train")
 
 Each image is 2×2 quadrants: a digit in one quadrant and, with probability 0.5, a red rectangle in
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RED = (255, 0, 0)
@@ -55,7 +57,6 @@ def quadrant_boxes(quadrant_px: int) -> list[tuple[int, int, int, int]]:
 
 def digit_pool(pool: Pool = "train", split_seed: int = 0, eval_fraction: float = 0.3):
     """(images (n, 8, 8) in 0..16, targets (n,)) of one disjoint pool of scikit-learn's digits."""
-    from sklearn.datasets import load_digits
 
     d = load_digits()
     order = np.random.default_rng(split_seed).permutation(len(d.target))
@@ -66,7 +67,6 @@ def digit_pool(pool: Pool = "train", split_seed: int = 0, eval_fraction: float =
 
 
 def _digit_tile(img8: np.ndarray, q: int) -> np.ndarray:
-    from PIL import Image
 
     g = Image.fromarray((img8 * (255 / 16)).clip(0, 255).astype(np.uint8)).resize((q, q), Image.BILINEAR)
     return np.repeat(np.asarray(g)[:, :, None], 3, axis=2)
@@ -159,7 +159,6 @@ def write_quadrant_split(
 
     Deterministic: the same arguments write byte-identical files.
     """
-    from PIL import Image
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """RaVL's controlled evaluation on quadrant digits: discovery precision@10 and mitigation, offline.
 
-    from trainer.bench.ravl_suite import RavlSuiteConfig, run_ravl_suite; results = run_ravl_suite(RavlSuiteConfig())
+    from bench.ravl_suite import RavlSuiteConfig, run_ravl_suite; results = run_ravl_suite(RavlSuiteConfig())
 
 1. Pretrain (or load from cache) a small open_clip CLIP from scratch on unbiased quadrant images
    (trainer.ravl_data) with captions "a photo of a {digit}." (", and a red rectangle" on half the images
@@ -20,20 +20,47 @@ Writes `results.json`, `results.png` and the runs under `out_dir`.
 
 from __future__ import annotations
 
+import csv
+import csv as _csv
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_file
 
-from trainer.ravl_data import CLASSNAMES, quadrant_samples
+from bench.ravl_data import (
+    CLASSNAMES,
+    quadrant_boxes,
+    quadrant_samples,
+    rectangle_regions,
+    write_quadrant_split,
+)
+from bench.report import diff_lines, json_t, paired_t
+from trainer.config import build_config, load_config
+from trainer.evaluate import zero_shot_head
+from trainer.losses import soft_clip_loss
+from trainer.model import build_clip
+from trainer.ravl.discover import assign_dataset, load_report, precision_at_k
+from trainer.ravl.regions import region_embeddings
+from trainer.ravl.report import discover_run
+from trainer.schedules import cosine_lr
+from trainer.train import train
 
 SUITE_VERSION = 1
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default normalisation (its preprocess uses it)
@@ -129,8 +156,6 @@ def pretrain_quadrants(
     cfg: QuadPretrainConfig, root: str | Path = ".cache/bench", progress: bool = True
 ) -> Path:
     """Pretrain (or reuse) the zero-shot model; returns its folder (model.json, model.safetensors, meta.json)."""
-    import open_clip
-    from safetensors.torch import save_file
 
     out = Path(root) / f"ravl-zeroshot-{cfg.hash()}"
     if (out / "meta.json").exists():
@@ -160,23 +185,15 @@ def pretrain_quadrants(
     model.train()
     loss_m = None
     for step in range(cfg.steps):
-        lr = (
-            cfg.lr * (step + 1) / cfg.warmup_steps
-            if step < cfg.warmup_steps
-            else 0.5
-            * cfg.lr
-            * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
-        )
+        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(samples), (cfg.batch_size,), generator=gen)
         tok = tokens[idx]
-        same = (tok[:, None, :] == tok[None, :, :]).all(-1).float()  # identical captions are positives
+        same = (tok[:, None, :] == tok[None, :, :]).all(-1)  # identical captions are positives
         img = F.normalize(model.encode_image(images[idx]), dim=-1)
         txt = F.normalize(model.encode_text(tok), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        target = same / same.sum(1, keepdim=True)
-        loss = -(target * (logits.log_softmax(1) + logits.T.log_softmax(1))).sum(1).mean() / 2
+        loss = soft_clip_loss(img, txt, model.logit_scale.exp(), same)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -288,8 +305,6 @@ def _run(
 ):
     """One trainer run; returns its directory `<name>-<hash of its settings>` (reused when its metrics exist,
     so changing lr, steps, λ, ... makes a new run instead of silently reusing an old one)."""
-    from trainer.config import build_config
-    from trainer.train import train
 
     runs = Path(cfg.out_dir) / cfg.split / "runs"
     classes = str(train_csv.parent / "classes.txt")
@@ -321,8 +336,6 @@ def _run(
     if (runs / name / "metrics.json").is_file():
         return runs / name
     if (runs / name).exists():  # an interrupted run: start it again
-        import shutil
-
         shutil.rmtree(runs / name)
     data.update(name=name, runs_dir=str(runs))
     t0 = time.time()
@@ -333,7 +346,6 @@ def _run(
 
 def _upsampled_csv(train_csv: Path, groups: list[tuple[int, bool]], out: Path) -> Path:
     """Rows repeated so every inferred group (class, has the feature) has about the largest group's size."""
-    import csv
 
     with train_csv.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -367,15 +379,6 @@ def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
     """Zero-shot classification of each test image's digit quadrant, accuracy overall and worst group over
     class × rectangle present: with RoI pooling of the full image's feature map (the paper's RoIAlign;
     `region_*`) and with the quadrant cropped and resized through the transform (`region_*_crop`)."""
-    import csv
-
-    from PIL import Image
-
-    from trainer.config import load_config
-    from trainer.evaluate import zero_shot_head
-    from trainer.model import build_clip
-    from trainer.ravl import region_embeddings
-    from trainer.ravl_data import quadrant_boxes
 
     cfg = load_config(run_dir / "config.yaml")
     clip, preprocess, tokenizer = build_clip(cfg.model, str(run_dir / "checkpoints" / "last.safetensors"))
@@ -415,7 +418,6 @@ def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
 def _learned_gap(report, disc_csv: Path, spurious_class: int) -> dict[str, float]:
     """On the discovery set, with the fine-tuned model's predictions: other classes' accuracy without vs
     with the rectangle, and the spurious class's with vs without (percent points)."""
-    import csv
 
     with disc_csv.open(newline="") as f:
         rect = [row["group"] == "rect" for row in csv.DictReader(f)]
@@ -436,10 +438,6 @@ def _learned_gap(report, disc_csv: Path, spurious_class: int) -> dict[str, float
 
 def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
     """Run the suite; returns (and writes to OUT/SPLIT/results.json) settings, summary and wall times."""
-    from trainer.discover import assign_dataset, load_report, precision_at_k
-    from trainer.model import build_clip
-    from trainer.ravl_data import rectangle_regions, write_quadrant_split
-    from trainer.ravl_method import discover_run
 
     cfg = cfg or RavlSuiteConfig()
     torch.set_num_threads(cfg.threads)
@@ -516,8 +514,6 @@ def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
                     else:
                         up_csv = data / f"train-{flyp.name}-upsampled.csv"
                         if not up_csv.is_file():
-                            import csv as _csv
-
                             with train_csv.open(newline="") as f:
                                 rows_ = [
                                     (str((data / r["path"]).resolve()), CLASSNAMES.index(r["label"]))
@@ -621,7 +617,6 @@ def summarize(settings: list[dict], methods) -> dict[str, Any]:
 
 def _paired(settings: list[dict], method: str) -> dict[str, dict[str, Any]]:
     """`method` − flyp on the same setting, per metric: mean difference, paired t, wins / pairs."""
-    from trainer.bench.report import json_t, paired_t
 
     out = {}
     for k in METRICS:
@@ -651,12 +646,9 @@ def _pm(v: dict) -> str:
 
 
 def print_results(results: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     console = console or Console(stderr=True)
     s = results["summary"]
-    from rich import box
 
     t = Table(
         title=f"RaVL discovery ({results.get('config_split') or results['config']['split']}): {s['learned']}/{s['settings']} settings learned the correlation",
@@ -678,7 +670,6 @@ def print_results(results: dict[str, Any], console=None) -> None:
     console.print(
         f"P@10: {_pm(p)} over the {p['n']} settings that learned the correlation; {_pm(q)} over all {q['n']}"
     )
-    from trainer.bench.report import _diff_lines
 
     cols = {
         "image_acc": "img acc",
@@ -709,15 +700,13 @@ def print_results(results: dict[str, Any], console=None) -> None:
             t.add_column(col, justify="right", no_wrap=True)
         for scope, paired in scopes.items():
             for m, v in paired.items():
-                t.add_row(f"{m}, {scope}", *(_diff_lines(v.get(k)) for k in cols))
+                t.add_row(f"{m}, {scope}", *(diff_lines(v.get(k)) for k in cols))
         console.print(t)
 
 
 def plot_results(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     s = results["summary"]["mitigation_all"]
     methods = list(s)

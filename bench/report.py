@@ -1,8 +1,8 @@
 """Benchmark report: mean ± std per row and column, Welch t-tests, a markdown + JSON table and a PNG plot.
 
-    from trainer.bench.report import write_report; paths = write_report(results, "runs/bench")
+    from bench.report import write_report; paths = write_report(results, "runs/bench")
 
-`results` is what `trainer.bench.suite.run_bench` returns (or its results.json). Statistics pool every
+`results` is what `bench.suite.run_bench` returns (or its results.json). Statistics pool every
 (pretraining seed, fine-tuning seed) run of a row; std is the sample std (ddof 1), 0 for a single run.
 """
 
@@ -13,7 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.bench.suite import ALL_ROWS, COLUMNS
+import matplotlib
+import matplotlib.pyplot as plt
+from rich import box
+from rich.table import Table
+
+from bench.suite import ALL_ROWS, COLUMNS
 
 # Column headers of the table.
 HEADERS = {
@@ -223,8 +228,6 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def rich_table(summary: dict[str, Any]):
     """The summary table as a rich Table."""
-    from rich import box
-    from rich.table import Table
 
     cols = list(COLUMNS)
     t = Table(
@@ -247,14 +250,12 @@ def rich_table(summary: dict[str, Any]):
 
 def rich_paired(summary: dict[str, Any]):
     """starft minus each row, paired on seeds, as a rich Table (difference, paired t, wins); None without pairs."""
-    from rich.table import Table
 
     tests = {
         o: t for o, t in summary.get("paired_starft_vs", {}).items() if any(x["n"] > 1 for x in t.values())
     }
     if not tests:
         return None
-    from rich import box
 
     cols = [c for c in COLUMNS if c != "b_bias"]  # 80 columns; the markdown report has it
     t = Table(
@@ -267,11 +268,11 @@ def rich_paired(summary: dict[str, Any]):
     for c in cols:
         t.add_column(SHORT[c], justify="right", no_wrap=True, min_width=6)  # "t -4.7"
     for other, cells in tests.items():
-        t.add_row(other, *(_diff_lines(cells.get(c)) for c in cols))
+        t.add_row(other, *(diff_lines(cells.get(c)) for c in cols))
     return t
 
 
-def _diff_lines(x: dict[str, Any] | None) -> str:
+def diff_lines(x: dict[str, Any] | None) -> str:
     """A paired cell on three short lines: difference, paired t, wins / pairs."""
     if x is None:
         return "–"
@@ -299,10 +300,8 @@ ROW_COLOURS = {
 
 def plot(results: dict[str, Any], path: str | Path) -> Path:
     """PNG: task-B worst group against ID accuracy, one point per run, one colour per row."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     records = results["records"]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)

@@ -1,11 +1,11 @@
 """The StarFT benchmark: fine-tune the synthetic world's zero-shot model on task A, measure ID, OOD and task-B shift.
 
-    from trainer.bench.suite import BenchConfig, run_bench; results = run_bench(BenchConfig(split="val"))
+    from bench.suite import BenchConfig, run_bench; results = run_bench(BenchConfig(split="val"))
 
 Per pretraining seed: write the world's splits, get the cached zero-shot model, then run every row x
 fine-tuning seed through `trainer.train.train` (and WiSE-FT through `trainer.wise.wise`). A finished run
 (its metrics.json exists) is reused, so a sweep can be extended or resumed. Results go to
-`<out>/results.json`; `trainer.bench.report` turns them into the table, the Welch tests and the plot.
+`<out>/results.json`; `bench.report` turns them into the table, the Welch tests and the plot.
 
 Rows (issue 5): zeroshot, ft, flyp, flyp_lowlr (flyp at `flyp_low_lr`, matched to starft's ID), kl
 (unmasked), starft (the reviewed descgen bank), clean / random (spurious: none / random), oracle (a bank of
@@ -20,10 +20,19 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.console import Console
 
-from trainer.bench.pretrain import PretrainConfig
-from trainer.bench.world import WorldConfig
+from bench.pretrain import PretrainConfig, get_pretrained, pretrain_vocabulary, read_meta
+from bench.vocab import scene_for, vocab_coverage
+from bench.world import WorldConfig, write_splits
+from descgen.bank import BankDoc, list_versions, load_bank
+from descgen.errors import BankError, DescgenError
+from descgen.schema import Concept, Descriptor, make_template, slug
+from trainer.config import apply_overrides, build_config, read_yaml
+from trainer.train import train
+from trainer.wise import wise
 
 ALL_ROWS = (
     "zeroshot",
@@ -131,8 +140,6 @@ class BenchConfig(BaseModel):
 
 def find_reviewed_bank(banks_dir: str | Path = "banks", concepts: tuple[str, ...] = ("background",)) -> Path:
     """The newest banks/vN.yaml with approved descriptors for `concepts`."""
-    from descgen.bank import list_versions, load_bank
-    from descgen.errors import DescgenError
 
     for _, path in sorted(list_versions(banks_dir), reverse=True):
         try:
@@ -144,17 +151,12 @@ def find_reviewed_bank(banks_dir: str | Path = "banks", concepts: tuple[str, ...
 
 
 def bank_phrases(bank_path: str | Path, concepts: list[str]) -> list[str]:
-    from descgen.bank import load_bank
 
     return [d.text for d in load_bank(bank_path).approved(concepts)]
 
 
 def write_oracle_bank(world: WorldConfig, cache_dir: str | Path) -> Path:
     """A bank of the world's true background phrases (manual, approved), in the cache dir; reused if present."""
-    from descgen.bank import BankDoc
-    from descgen.errors import BankError
-    from descgen.schema import Concept, Descriptor, make_template, slug
-    from trainer.bench.vocab import scene_for
 
     bgs = world.pretrain_backgrounds
     out = Path(cache_dir) / f"oracle-{world.hash()}" / "v1.yaml"
@@ -191,8 +193,6 @@ def write_oracle_bank(world: WorldConfig, cache_dir: str | Path) -> Path:
 
 def bank_coverage(bank_path: str | Path, concepts: list[str], world: WorldConfig) -> dict[str, Any]:
     """Share of the bank's approved descriptors whose every word occurs in the pretraining captions."""
-    from trainer.bench.pretrain import pretrain_vocabulary
-    from trainer.bench.vocab import vocab_coverage
 
     phrases = bank_phrases(bank_path, concepts)
     cov = vocab_coverage(phrases, pretrain_vocabulary(world))
@@ -304,8 +304,6 @@ def typical_backgrounds(world: WorldConfig) -> dict[str, set[str]]:
 
 def _run_train(config: dict[str, Any]) -> tuple[Path, dict[str, Any], float | None, float | None]:
     """Train one row (or reuse its finished run dir); returns (run dir, metrics.json, wall s, CPU s of this call)."""
-    from trainer.config import build_config
-    from trainer.train import train
 
     # The dir name carries the hash of the run's hyperparameters: a finished run is reused only when its
     # settings are the same, so sweeps may share an output folder.
@@ -329,7 +327,6 @@ def _reused(out: Path) -> tuple[Path, dict[str, Any], float | None, float | None
 
 
 def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float | None, float | None]:
-    from trainer.wise import wise
 
     out = run_dir / "wise" / f"alpha-{alpha:g}"
     if (out / "metrics.json").is_file():
@@ -341,17 +338,11 @@ def _run_wise(run_dir: Path, alpha: float) -> tuple[Path, dict[str, Any], float 
 
 def _say(cfg: BenchConfig, text: str) -> None:
     if cfg.progress:
-        from rich.console import Console
-
         Console(stderr=True).print(text, highlight=False)
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every row x pretraining seed x fine-tuning seed; write and return `<out>/results.json`."""
-    import torch
-
-    from trainer.bench.pretrain import get_pretrained, read_meta
-    from trainer.bench.world import write_splits
 
     t_start = time.time()
     out = Path(cfg.out)
@@ -476,7 +467,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def config_data(path: str | Path | None, sets: list[str] | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """A config mapping: the YAML file (or nothing), then `key=value` overrides (dotted keys, YAML values:
     `pretrain.world.bias_p=0.8`), then the non-None entries of `overrides`."""
-    from trainer.config import apply_overrides, read_yaml
 
     data = apply_overrides(read_yaml(path) if path is not None else {}, sets)
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,6 +1,6 @@
 """Which tower forgot? Evaluate fine-tuned runs with one tower put back to the zero-shot model's.
 
-    python -m trainer.bench.towers runs/bench-store/p0/flyp-s10-*/ runs/bench-store/p0/starft-s10-*/
+    python -m bench.towers runs/bench-store/p0/flyp-s10-*/ runs/bench-store/p0/starft-s10-*/
 
 For each run, four models are evaluated on the run's own eval sets (the bench's ID, A-shift and task-B
 sets): zero-shot, fine-tuned, and the two hybrids — the fine-tuned image tower with the zero-shot text
@@ -25,8 +25,19 @@ from typing import Any
 
 import torch
 import typer
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
 
-from trainer.bench.suite import COLUMNS as BENCH_COLUMNS
+from bench.suite import COLUMNS as BENCH_COLUMNS
+from bench.suite import find_reviewed_bank
+from descgen.bank import load_bank
+from descgen.errors import DescgenError
+from trainer.config import load_config
+from trainer.data import fill_template, head_templates, load_image_set
+from trainer.errors import TrainerError, fail
+from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
+from trainer.model import build_clip
 
 LABELS = {
     "ID": "id",
@@ -39,14 +50,16 @@ LABELS = {
 COLUMNS = {label: BENCH_COLUMNS[key] for label, key in LABELS.items()}  # label -> (eval set, metric)
 
 
-def _hybrid(
+def hybrid_state(
     image_from: dict[str, torch.Tensor], text_from: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """open_clip CLIP state dict: `visual.*` from one model, everything else (text tower, scale) from the other."""
     return {k: (image_from[k] if k.startswith("visual.") else v) for k, v in text_from.items()}
 
 
-def _bn_stats(stats_from: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_bn_stats(
+    stats_from: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """`rest` with batch-norm running statistics taken from `stats_from` (learned weights untouched)."""
     keys = ("running_mean", "running_var", "num_batches_tracked")
     return {k: (stats_from[k] if k.rsplit(".", 1)[-1] in keys else v) for k, v in rest.items()}
@@ -55,12 +68,6 @@ def _bn_stats(stats_from: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
 def _load_run(run_dir: str | Path, threads: int, sets: tuple[str, ...] | None = None):
     """(config, CLIP in eval mode with zero-shot weights, tokenizer, zero-shot state, fine-tuned state, eval
     loaders) of a finished run; `sets` keeps only the eval sets of those names."""
-    from safetensors.torch import load_file
-
-    from trainer.config import load_config
-    from trainer.data import load_image_set
-    from trainer.evaluate import make_eval_sets
-    from trainer.model import build_clip
 
     torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -78,15 +85,14 @@ def _load_run(run_dir: str | Path, threads: int, sets: tuple[str, ...] | None = 
 @torch.no_grad()
 def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, float]]:
     """{model: {column: value}} for zero-shot, fine-tuned, both hybrids, and fine-tuned with zero-shot BN stats."""
-    from trainer.evaluate import evaluate_sets
 
     _, clip, tokenizer, zs, ft, loaders = _load_run(run_dir, threads)
     models = {
         "zero-shot": zs,
         "fine-tuned": ft,
-        "ft image + zs text": _hybrid(ft, zs),
-        "zs image + ft text": _hybrid(zs, ft),
-        "fine-tuned, zs BN stats": _bn_stats(zs, ft),
+        "ft image + zs text": hybrid_state(ft, zs),
+        "zs image + ft text": hybrid_state(zs, ft),
+        "fine-tuned, zs BN stats": with_bn_stats(zs, ft),
     }
     out: dict[str, dict[str, float]] = {}
     for name, state in models.items():
@@ -96,7 +102,7 @@ def tower_swap(run_dir: str | Path, threads: int = 1) -> dict[str, dict[str, flo
     return out
 
 
-def _kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+def mean_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean over rows of KL(softmax p || softmax q), masked entries left out of both distributions."""
     if mask is not None:
         logits_p = logits_p.masked_fill(mask, float("-inf"))
@@ -108,7 +114,7 @@ def _kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | Non
     return float(terms.sum(1).mean())
 
 
-def _descriptor_part(
+def descriptor_part(
     logits_p: torch.Tensor, logits_q: torch.Tensor, class_mask: torch.Tensor, n_desc: int
 ) -> tuple[float, float]:
     """Chain rule on (class, descriptor) captions: KL = KL over classes + E_p(class)[KL over descriptors | class].
@@ -143,10 +149,6 @@ def kl_drift(
     over the class prompts. The bank is the run's own, else `bank`, else the newest reviewed one (so flyp
     runs can be measured too).
     """
-    from descgen.bank import load_bank
-    from trainer.bench.suite import find_reviewed_bank
-    from trainer.data import _format, head_templates
-    from trainer.evaluate import zero_shot_head
 
     cfg, clip, tokenizer, zs, ft, loaders = _load_run(run_dir, threads, sets)
     bank_path = cfg.bank or bank or find_reviewed_bank("banks", tuple(cfg.concepts))
@@ -157,7 +159,7 @@ def kl_drift(
         clip.load_state_dict(state)
         for es in loaders:
             s = es.image_set
-            caps = [d.apply(_format(cfg.caption, c)) for c in s.classes for d in descriptors]
+            caps = [d.apply(fill_template(cfg.caption, c)) for c in s.classes for d in descriptors]
             star = clip.encode_text(tokenizer(caps), normalize=True).float()
             head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
             img = torch.cat([clip.encode_image(b["image"], normalize=True).float() for b in es.loader])
@@ -170,12 +172,12 @@ def kl_drift(
         cap_class = torch.arange(len(s.classes)).repeat_interleave(len(descriptors))
         mask = labels[:, None] == cap_class[None, :]
         lp, lq = scale * iz @ sz.T, scale * if_ @ sf.T
-        desc_kl, desc_entropy = _descriptor_part(lp, lq, mask[:, :: len(descriptors)], len(descriptors))
+        desc_kl, desc_entropy = descriptor_part(lp, lq, mask[:, :: len(descriptors)], len(descriptors))
         out[s.name] = {
-            "star": round(_kl(lp, lq, mask), 3),
+            "star": round(mean_kl(lp, lq, mask), 3),
             "star_descriptor": round(desc_kl, 3),
             "teacher_descriptor_entropy": round(desc_entropy, 3),
-            "head": round(_kl(scale * iz @ hz.T, scale * if_ @ hf.T), 3),
+            "head": round(mean_kl(scale * iz @ hz.T, scale * if_ @ hf.T), 3),
         }
     return out
 
@@ -187,11 +189,6 @@ def main(
     bank: Path | None = typer.Option(None, help="bank for runs without one (default: newest reviewed)"),
 ) -> None:
     """Tower-swap tables and KL drift for finished trainer runs (config.yaml, checkpoints/last.safetensors)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from descgen.errors import DescgenError
-    from trainer.errors import TrainerError, fail
 
     console = Console()
     for run in runs:

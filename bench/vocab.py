@@ -1,6 +1,6 @@
 """Words of the synthetic world: class names, scene phrases, caption grammar and vocabulary coverage.
 
-    from trainer.bench.vocab import make_caption, caption_vocabulary, vocab_coverage
+    from bench.vocab import make_caption, caption_vocabulary, vocab_coverage
 
 The toy text encoder knows only the words of its pretraining captions, so the grammar here is wide on
 purpose: every background has several scene words and prepositions ("on the beach", "by the sea", "on the

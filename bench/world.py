@@ -1,6 +1,6 @@
 """The synthetic world: handwritten-digit glyphs on procedural scene backgrounds, and its dataset splits.
 
-    from trainer.bench.world import WorldConfig, write_split; write_split(WorldConfig(), "a_train", ".cache/bench")
+    from bench.world import WorldConfig, write_split; write_split(WorldConfig(), "a_train", ".cache/bench")
 
 Objects are scikit-learn's bundled 8x8 handwritten digits (many writers), upscaled, thresholded and jittered
 in scale, aspect, rotation, stroke width and position. Task A and task B are disjoint digit sets. Each
@@ -31,9 +31,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sklearn.datasets import load_digits
 
-from trainer.bench.backgrounds import RENDERERS, render_background
-from trainer.bench.vocab import NUMBER_WORDS, SCENES, make_caption
+from bench.backgrounds import RENDERERS, render_background
+from bench.vocab import NUMBER_WORDS, SCENES, make_caption
 
 WORLD_VERSION = 3  # bump when rendering or sampling changes, so caches are not reused
 
@@ -198,7 +199,6 @@ class SplitData:
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
 
     d = load_digits()
     return (d.images / 16.0).astype(np.float32), d.target.astype(int)

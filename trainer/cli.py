@@ -1,4 +1,4 @@
-"""The `trainer` command line: thin typer commands over trainer.train / wise / discover / bench.
+"""The `trainer` command line: thin typer commands over trainer.train, trainer.wise and trainer.ravl.
 
 trainer run --config configs/example-csv.yaml --bank banks/v47.yaml --method starft --set lr=1e-4
 accelerate launch --num_processes 8 -m trainer.cli run --config configs/imagenet-vitb16-starft.yaml
@@ -12,7 +12,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trainer.errors import TrainerError, fail
+from trainer.config import load_config
+from trainer.errors import USER_ERRORS, fail
+
+# Commands import torch-heavy modules (train, wise, ravl) when they run, so `trainer --help` is instant.
 
 app = typer.Typer(
     help="Robust fine-tuning of open_clip models: StarFT and its baselines.",
@@ -22,13 +25,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)  # one line, however long
 out = Console(soft_wrap=True)
-
-
-def _user_errors():
-    """Errors a user can act on: trainer's and descgen's (bank files)."""
-    from descgen.errors import DescgenError
-
-    return (TrainerError, DescgenError)
 
 
 @app.command()
@@ -56,7 +52,6 @@ def run(
 ) -> None:
     """Fine-tune and evaluate; prints the run directory."""
     try:
-        from trainer.config import load_config
         from trainer.train import train
 
         cfg = load_config(
@@ -70,7 +65,7 @@ def run(
             threads=threads,
         )
         run_dir = train(cfg, resume=resume)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         fail(str(e))
     from accelerate import PartialState
 
@@ -93,7 +88,7 @@ def wise(
         from trainer.wise import wise as wise_fn
 
         path = wise_fn(run_dir, alpha, checkpoint)  # type: ignore[arg-type]
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         fail(str(e))
     out.print(str(path), markup=False, highlight=False)
 
@@ -131,7 +126,7 @@ def discover(
     try:
         import torch
 
-        from trainer.ravl_method import discover_run
+        from trainer.ravl.report import discover_run
 
         if threads:
             torch.set_num_threads(threads)
@@ -148,20 +143,12 @@ def discover(
             candidates,
             console=err,  # type: ignore[arg-type]
         )
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         fail(str(e))
     err.print(f"contact sheet: {res['sheet']}", highlight=False)
     if res["bank"] is not None:
         err.print(f"bank: {res['bank']}", highlight=False)
     out.print(str(res["report_path"]), markup=False, highlight=False)
-
-
-# The benchmark's commands live with the benchmark; they hang on this app.
-from trainer.bench import cli as _bench
-
-app.command()(_bench.pretrain)
-app.command()(_bench.bench)
-app.command()(_bench.demo)
 
 
 if __name__ == "__main__":

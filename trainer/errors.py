@@ -2,6 +2,12 @@
 
 from typing import NoReturn
 
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from descgen.errors import DescgenError
+
 
 class TrainerError(Exception):
     """Base of every error the CLI turns into a one-line message and exit code 1."""
@@ -21,11 +27,11 @@ class RunDirError(TrainerError):
 
 def fail(message: str) -> NoReturn:
     """The CLIs' way out: `Error: <message>` as one line on stderr (whitespace folded), exit code 1."""
-    import typer
-    from rich.console import Console
-    from rich.text import Text
-
     Console(stderr=True, soft_wrap=True).print(
         Text.assemble(("Error: ", "bold red"), " ".join(str(message).split()))
     )
     raise typer.Exit(1)
+
+
+# What the CLIs turn into one line: trainer's own errors and descgen's (bank files).
+USER_ERRORS: tuple[type[Exception], ...] = (TrainerError, DescgenError)

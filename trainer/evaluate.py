@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from open_clip import build_zero_shot_classifier
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,8 +25,6 @@ def zero_shot_head(
     clip: nn.Module, tokenizer: Callable, classes: list[str], templates: list[Callable]
 ) -> torch.Tensor:
     """(C, D) normalised class embeddings: template-averaged text features of each class name."""
-    from open_clip import build_zero_shot_classifier
-
     device = next(clip.parameters()).device
     was_training = clip.training
     clip.eval()

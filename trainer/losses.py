@@ -28,10 +28,27 @@ def clip_loss(
     """
     if labels is None:
         return _CLIP_LOSS(image, text, logit_scale)
+    return soft_clip_loss(image, text, logit_scale, labels[:, None] == labels[None, :])
+
+
+def soft_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, positives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric CLIP loss with several positives per row: soft targets spread uniformly over them.
+
+    Args:
+        image, text: (N, D) l2-normalised embeddings.
+        logit_scale: scalar s (exp'd temperature).
+        positives: (N, N) bool, true diagonal; positives[i, j]: caption j describes image i (need not be
+            symmetric: the text-to-image direction uses its transpose).
+    """
     logits = logit_scale * image.float() @ text.float().T
-    same = (labels[:, None] == labels[None, :]).float()
-    targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so the same targets serve both directions
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    same = positives.float()
+    target_i = same / same.sum(1, keepdim=True)
+    target_t = same.T / same.T.sum(1, keepdim=True)
+    loss_i = -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
 
 
 def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from open_clip.factory import load_checkpoint
 from torch import nn
 
 from trainer.errors import ConfigError
@@ -24,8 +26,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 def resolve_model_name(model: str) -> str:
     """An architecture name, or register a model-config JSON and return its stem."""
-    import open_clip
-
     if model.endswith(".json") or Path(model).is_file():
         path = Path(model)
         if not path.is_file():
@@ -41,8 +41,6 @@ def resolve_model_name(model: str) -> str:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local open_clip state dict (.safetensors or weights-only torch file) into `model`."""
-    from open_clip.factory import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pretrained: no such weights file {path}")
@@ -56,8 +54,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def build_clip(model: str, pretrained: str | None) -> tuple[nn.Module, Callable, Callable]:
     """(open_clip model, eval preprocess, tokenizer). Random init when `pretrained` is None."""
-    import open_clip
-
     name = resolve_model_name(model)
     is_file = pretrained is not None and (
         Path(pretrained).suffix in WEIGHT_SUFFIXES or Path(pretrained).exists()
@@ -97,21 +93,13 @@ class FineTuner(nn.Module):
         self,
         image: torch.Tensor,
         text: torch.Tensor | None = None,
-        rois: torch.Tensor | None = None,
-        region_mode: str = "crop",
+        extra: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, Any]:
-        """rois: boxes of regions of `image` (see `trainer.ravl.region_embeddings`) -> out["regions"],
-        embedded in the same forward so DDP syncs their gradients (RaVL)."""
+        """Features for one step. `extra(clip, image)` adds a method's own outputs (RaVL: region
+        embeddings) inside this forward, so DDP syncs their gradients too."""
         out: dict[str, Any] = {"image": self.clip.encode_image(image, normalize=True)}
-        if rois is not None:
-            from trainer.ravl import region_embeddings
-
-            out["regions"], out["region_image"] = region_embeddings(
-                self.clip,
-                image,
-                boxes=rois,
-                mode=region_mode,  # type: ignore[arg-type]
-            )
+        if extra is not None:
+            out.update(extra(self.clip, image))
         if self.head is not None:
             # The zero-shot head scores normalised features at the model's scale; keep that parameterisation.
             out["logits"] = self.clip.logit_scale.exp().detach() * self.head(out["image"])

@@ -19,7 +19,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write loss.png, accuracy.png and groups.png (what the metrics allow); returns the paths."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

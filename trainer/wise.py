@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
+from trainer.config import load_config
 from trainer.errors import RunDirError, TrainerError
+from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
+from trainer.inputs import load_inputs
+from trainer.model import FineTuner, build_clip
+from trainer.runlog import write_json
+from trainer.train import new_accelerator
 
 
 def interpolate(
@@ -35,14 +43,6 @@ def interpolate(
 
 def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "best"] = "last") -> Path:
     """Write <run>/wise/alpha-<a>/{model.safetensors, metrics.json}; returns that directory."""
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
-
-    from trainer.config import load_config
-    from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
-    from trainer.model import FineTuner, build_clip
-    from trainer.train import _write_json, load_inputs, new_accelerator
-
     t0, c0 = time.time(), time.process_time()
     if not 0.0 <= alpha <= 1.0:
         raise TrainerError(f"alpha must be in [0, 1], got {alpha}")
@@ -86,7 +86,7 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in merged.items()}, str(out / "model.safetensors"))
-        _write_json(
+        write_json(
             out / "metrics.json",
             {
                 "alpha": alpha,

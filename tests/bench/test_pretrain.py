@@ -1,6 +1,6 @@
 """Tests of the zero-shot model pretraining: a tiny run, caching, loading through open_clip, the loss.
 
-.venv/bin/pytest -q tests/test_bench_pretrain.py
+.venv/bin/pytest -q tests/bench/test_pretrain.py
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.bench import pretrain as pretrain_mod
-from trainer.bench.pretrain import (
+from bench import pretrain as pretrain_mod
+from bench.pretrain import (
     PretrainConfig,
     get_pretrained,
     load_pretrained,
-    multi_positive_clip_loss,
     read_meta,
     to_tensor,
 )
-from trainer.bench.world import WorldConfig, write_split
+from bench.world import WorldConfig, write_split
+from trainer.losses import soft_clip_loss
 
 
 def tiny_pretrain_config(world: WorldConfig) -> PretrainConfig:
@@ -109,7 +109,7 @@ def test_multi_positive_loss_reduces_to_clip_loss_without_duplicates():
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
     txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    ours = multi_positive_clip_loss(img, txt, 100.0, torch.eye(6, dtype=torch.bool))
+    ours = soft_clip_loss(img, txt, 100.0, torch.eye(6, dtype=torch.bool))
     ref = open_clip.ClipLoss()(img, txt, torch.tensor(100.0))
     assert torch.allclose(ours, ref, atol=1e-5)
 
@@ -119,7 +119,7 @@ def test_identical_captions_are_not_negatives():
     img = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
     txt = F.normalize(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), dim=-1)
     same = torch.ones(2, 2, dtype=torch.bool)
-    assert multi_positive_clip_loss(img, txt, 100.0, same).item() == pytest.approx(np.log(2), abs=1e-5)
+    assert soft_clip_loss(img, txt, 100.0, same).item() == pytest.approx(np.log(2), abs=1e-5)
 
 
 def test_image_size_must_suit_the_image_tower():
@@ -128,7 +128,7 @@ def test_image_size_must_suit_the_image_tower():
 
 
 def test_describes_marks_true_descriptions_only():
-    from trainer.bench.pretrain import describes
+    from bench.pretrain import describes
 
     records = [
         {"digit": 5, "background": "snow"},
@@ -145,7 +145,7 @@ def test_describes_marks_true_descriptions_only():
 
 
 def test_caption_content_matches_the_caption():
-    from trainer.bench.vocab import make_caption
+    from bench.vocab import make_caption
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -159,7 +159,7 @@ def test_caption_content_matches_the_caption():
 
 
 def test_bn_recalibration_uses_mixed_batches():
-    from trainer.bench.pretrain import recalibrate_bn
+    from bench.pretrain import recalibrate_bn
 
     bn = torch.nn.BatchNorm2d(3)
 

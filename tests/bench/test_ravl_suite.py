@@ -1,13 +1,13 @@
 """The RaVL controlled-evaluation suite at a tiny size (pretraining, flyp, discovery, ravl, upsampled).
 
-.venv/bin/pytest -q tests/test_ravl_suite.py
+.venv/bin/pytest -q tests/bench/test_ravl_suite.py
 """
 
 from __future__ import annotations
 
 import json
 
-from trainer.bench.ravl_suite import (
+from bench.ravl_suite import (
     QuadPretrainConfig,
     RavlSuiteConfig,
     run_ravl_suite,
@@ -56,7 +56,7 @@ def test_tiny_suite_runs_and_writes_results(tmp_path):
         assert row["methods"]["ravl"]["image_wg"] <= row["methods"]["ravl"]["image_acc"]
     from rich.console import Console
 
-    from trainer.bench.ravl_suite import print_results
+    from bench.ravl_suite import print_results
 
     console = Console(record=True, width=80)  # the printed tables read in an 80-column terminal
     print_results(res, console)
@@ -133,8 +133,8 @@ def test_vit_tower_avg_pool_is_the_mean_of_its_cells():
     import open_clip
     import torch
 
-    from trainer.bench.ravl_suite import model_config
-    from trainer.ravl import region_embeddings
+    from bench.ravl_suite import model_config
+    from trainer.ravl.regions import region_embeddings
 
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
@@ -153,15 +153,11 @@ def test_vit_tower_avg_pool_is_the_mean_of_its_cells():
 
 
 def test_cli_ravl_suite_takes_set_seeds_and_steps_and_refuses_the_rest(tmp_path):
-    import typer
     from ruamel.yaml import YAML
     from typer.testing import CliRunner
 
-    from trainer.bench.cli import bench
+    from bench.cli import app
 
-    app = typer.Typer()
-    app.command()(bench)
-    app.command()(lambda: None)  # two commands, so `bench` is a subcommand as in trainer's app
     tiny = {
         "classes": [3],
         "n_train": 40,
@@ -176,7 +172,7 @@ def test_cli_ravl_suite_takes_set_seeds_and_steps_and_refuses_the_rest(tmp_path)
     }
     config = tmp_path / "ravl.yaml"
     YAML(typ="safe", pure=True).dump(tiny, config.open("w"))
-    args = ["bench", "--suite", "ravl", "-c", str(config), "--threads", "1", "--seeds", "0", "--steps", "2"]
+    args = ["run", "--suite", "ravl", "-c", str(config), "--threads", "1", "--seeds", "0", "--steps", "2"]
     res = CliRunner().invoke(app, [*args, "--set", "methods=[flyp]", "--set", "pretrain.vit_layers=1"])
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "out" / "val" / "results.json").read_text())["config"]

@@ -1,6 +1,6 @@
 """A tiny end-to-end benchmark run: tiny world and model, a few steps, one seed, a few rows; report files.
 
-.venv/bin/pytest -q tests/test_bench_suite.py
+.venv/bin/pytest -q tests/bench/test_suite.py
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bench_pretrain import tiny_pretrain_config
-from trainer.bench.report import summarize, welch_t, write_report
-from trainer.bench.suite import (
+from bench.report import summarize, welch_t, write_report
+from bench.suite import (
     BenchConfig,
     bank_coverage,
     find_reviewed_bank,
@@ -20,7 +19,8 @@ from trainer.bench.suite import (
     run_bench,
     write_oracle_bank,
 )
-from trainer.bench.world import WorldConfig
+from bench.world import WorldConfig
+from tests.bench.test_pretrain import tiny_pretrain_config
 
 
 def tiny_bench(tmp_path, **fields) -> BenchConfig:
@@ -122,7 +122,7 @@ def test_welch_t_and_summary():
 def test_paired_comparison_matches_runs_by_seeds():
     from rich.console import Console
 
-    from trainer.bench.report import markdown, paired_t, rich_paired
+    from bench.report import markdown, paired_t, rich_paired
 
     assert paired_t([1.0], [0.0]) is None
     assert paired_t([2.0, 3.0], [1.0, 2.0]) == float("inf")  # every pair +1
@@ -190,8 +190,8 @@ def test_oracle_bank_written_by_a_concurrent_process_is_reused(tmp_path, monkeyp
 
 
 def test_every_row_has_its_own_plot_colour():
-    from trainer.bench.report import ROW_COLOURS
-    from trainer.bench.suite import ALL_ROWS
+    from bench.report import ROW_COLOURS
+    from bench.suite import ALL_ROWS
 
     assert set(ROW_COLOURS) == set(ALL_ROWS)
     # a row and its WiSE-FT share a colour (told apart by the marker); no two other rows do
@@ -217,21 +217,17 @@ def test_config_rejects_unknown_rows():
 
 
 def test_cli_bench_and_pretrain_reuse_the_tiny_runs(tiny_results, tmp_path):
-    import typer
     from ruamel.yaml import YAML
     from typer.testing import CliRunner
 
-    from trainer.bench.cli import bench, pretrain
+    from bench.cli import app
 
     cfg, _ = tiny_results
-    app = typer.Typer()
-    app.command()(pretrain)
-    app.command()(bench)
     config = tmp_path / "bench.yaml"
     YAML(typ="safe", pure=True).dump(cfg.model_dump(mode="json"), config.open("w"))
     res = CliRunner().invoke(
         app,
-        ["bench", "-c", str(config), "--threads", "1", "--rows", "zeroshot,flyp", "--set", "wise_alpha=0.4"],
+        ["run", "-c", str(config), "--threads", "1", "--rows", "zeroshot,flyp", "--set", "wise_alpha=0.4"],
     )
     assert res.exit_code == 0, res.output
     assert "flyp" in res.stdout
@@ -239,14 +235,14 @@ def test_cli_bench_and_pretrain_reuse_the_tiny_runs(tiny_results, tmp_path):
     res = CliRunner().invoke(app, ["pretrain", "-c", str(config), "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "zero-shot models" in res.stdout
-    res = CliRunner().invoke(app, ["bench", "--split", "train"])
+    res = CliRunner().invoke(app, ["run", "--split", "train"])
     assert res.exit_code == 2
-    res = CliRunner().invoke(app, ["bench", "-c", str(config), "--set", "lam=-1"])
+    res = CliRunner().invoke(app, ["run", "-c", str(config), "--set", "lam=-1"])
     assert res.exit_code == 1 and "lam" in res.output
 
 
 def test_tower_swap_diagnostic(tiny_results):
-    from trainer.bench.towers import _bn_stats, _hybrid, tower_swap
+    from bench.towers import hybrid_state, tower_swap, with_bn_stats
 
     _, results = tiny_results
     rec = {r["row"]: r for r in results["records"]}
@@ -263,28 +259,33 @@ def test_tower_swap_diagnostic(tiny_results):
         assert res[model]["B worst"] == pytest.approx(rec[row]["metrics"]["b_worst"], abs=0.05)
     zs = {"visual.w": 0, "visual.bn.running_mean": 0, "text.w": 0, "logit_scale": 0}
     ft = {k: 1 for k in zs}
-    assert _hybrid(ft, zs) == {"visual.w": 1, "visual.bn.running_mean": 1, "text.w": 0, "logit_scale": 0}
-    assert _bn_stats(zs, ft) == {"visual.w": 1, "visual.bn.running_mean": 0, "text.w": 1, "logit_scale": 1}
+    assert hybrid_state(ft, zs) == {"visual.w": 1, "visual.bn.running_mean": 1, "text.w": 0, "logit_scale": 0}
+    assert with_bn_stats(zs, ft) == {
+        "visual.w": 1,
+        "visual.bn.running_mean": 0,
+        "text.w": 1,
+        "logit_scale": 1,
+    }
 
 
 def test_kl_drift_chain_rule_and_indistinct_descriptors():
     import torch
 
-    from trainer.bench.towers import _descriptor_part, _kl
+    from bench.towers import descriptor_part, mean_kl
 
     g = torch.Generator().manual_seed(0)
     n, c, d = 6, 4, 3
     lp, lq = torch.randn(n, c * d, generator=g) * 3, torch.randn(n, c * d, generator=g) * 3
     class_mask = torch.tensor([0, 1, 2, 3, 0, 1])[:, None] == torch.arange(c)[None, :]
     mask = class_mask.repeat_interleave(d, 1)  # captions class-major, as kl_drift builds them
-    desc, entropy = _descriptor_part(lp, lq, class_mask, d)
+    desc, entropy = descriptor_part(lp, lq, class_mask, d)
     marg_p, marg_q = lp.view(n, c, d).logsumexp(2), lq.view(n, c, d).logsumexp(2)
-    assert _kl(lp, lq, mask) == pytest.approx(_kl(marg_p, marg_q, class_mask) + desc, rel=1e-5)
+    assert mean_kl(lp, lq, mask) == pytest.approx(mean_kl(marg_p, marg_q, class_mask) + desc, rel=1e-5)
     assert desc > 0 and 0 < entropy < 1
     # Descriptors that move no logit: the whole KL is the class part, and the teacher cannot tell them apart.
     flat_p = torch.randn(n, c, generator=g).repeat_interleave(d, 1)
     flat_q = torch.randn(n, c, generator=g).repeat_interleave(d, 1)
-    desc, entropy = _descriptor_part(flat_p, flat_q, class_mask, d)
+    desc, entropy = descriptor_part(flat_p, flat_q, class_mask, d)
     assert desc == pytest.approx(0.0, abs=1e-6) and entropy == pytest.approx(1.0, abs=1e-6)
 
 
@@ -292,7 +293,7 @@ def test_kl_drift_of_a_run(tiny_results):
     import subprocess
     import sys
 
-    from trainer.bench.towers import kl_drift
+    from bench.towers import kl_drift
 
     _, results = tiny_results
     run = next(r for r in results["records"] if r["row"] == "starft")["run_dir"]
@@ -303,7 +304,7 @@ def test_kl_drift_of_a_run(tiny_results):
         assert 0 <= cells["star_descriptor"] <= cells["star"] + 1e-3
         assert 0 < cells["teacher_descriptor_entropy"] <= 1 + 1e-6
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.bench.towers", "--no-towers", run],
+        [sys.executable, "-m", "bench.towers", "--no-towers", run],
         check=False,
         capture_output=True,
         text=True,
@@ -324,7 +325,7 @@ def test_tower_swap_cli_bad_run_is_one_line(tmp_path, bad):
         (run / "config.yaml").write_text("model: [\n")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.bench.towers", str(run)], check=False, capture_output=True, text=True
+        [sys.executable, "-m", "bench.towers", str(run)], check=False, capture_output=True, text=True
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: ") and len(proc.stderr.strip().splitlines()) == 1
@@ -333,8 +334,8 @@ def test_tower_swap_cli_bad_run_is_one_line(tmp_path, bad):
 
 
 def test_bias_gap_is_typical_minus_other_background():
-    from trainer.bench.suite import metrics_row, typical_backgrounds
-    from trainer.bench.world import WorldConfig
+    from bench.suite import metrics_row, typical_backgrounds
+    from bench.world import WorldConfig
 
     final = {"b_groups": {"worst_group": 10.0, "per_group": {"five/snow": 90.0, "five/beach": 70.0,
                                                              "six/beach": 80.0, "six/snow": 50.0}}}  # fmt: skip
@@ -349,10 +350,10 @@ def test_bias_gap_is_typical_minus_other_background():
 
 
 def test_every_shipped_bench_config_loads():
-    """configs/bench-*.yaml are BenchConfig files the README's commands use: each must validate."""
-    from trainer.bench.suite import load_bench_config
+    """bench/configs/*.yaml are BenchConfig files the README's commands use: each must validate."""
+    from bench.suite import load_bench_config
 
-    paths = sorted((Path(__file__).parents[1] / "configs").glob("bench-*.yaml"))
+    paths = sorted((Path(__file__).parents[2] / "bench" / "configs").glob("*.yaml"))
     assert len(paths) >= 4
     names = {p.stem: load_bench_config(p).pretrain.world.class_names for p in paths}
-    assert names["bench-twin"][5] == "one twin" and names["bench-full"][5] == "five"
+    assert names["twin"][5] == "one twin" and names["full"][5] == "five"

@@ -1,6 +1,6 @@
 """Tests of the synthetic world: determinism, group balance, bias as asked, split writing and caching.
 
-.venv/bin/pytest -q tests/test_bench_world.py
+.venv/bin/pytest -q tests/bench/test_world.py
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.bench import world as world_mod
-from trainer.bench.backgrounds import RENDERERS, render_background
-from trainer.bench.pretrain import pretrain_vocabulary
-from trainer.bench.vocab import SCENES, vocab_coverage
-from trainer.bench.world import SPLITS, WorldConfig, build_split, sample_split, write_split
+from bench import world as world_mod
+from bench.backgrounds import RENDERERS, render_background
+from bench.pretrain import pretrain_vocabulary
+from bench.vocab import SCENES, vocab_coverage
+from bench.world import SPLITS, WorldConfig, build_split, sample_split, write_split
 
 
 def _rows(split_dir) -> list[dict]:

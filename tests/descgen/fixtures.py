@@ -1,6 +1,6 @@
 """Shared helpers for the descgen tests: a queued fake LLM, a tiny bank, a tiny random Llama.
 
-from tests.descgen_fixtures import FakeGenerator, write_bank, build_tiny_llama
+from tests.descgen.fixtures import FakeGenerator, write_bank, build_tiny_llama
 """
 
 from __future__ import annotations

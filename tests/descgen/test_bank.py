@@ -1,6 +1,6 @@
 """Versioned bank files: round trip with comments, exclusive versions, racing writers, validation.
 
-pytest tests/test_bank.py
+pytest tests/descgen/test_bank.py
 """
 
 import multiprocessing as mp
@@ -11,9 +11,9 @@ import pytest
 from descgen.bank import BankDoc, diff_banks, file_sha256, latest_bank, list_versions, load_bank
 from descgen.errors import BankError
 from descgen.schema import Descriptor
-from tests.descgen_fixtures import make_doc, write_bank
+from tests.descgen.fixtures import make_doc, write_bank
 
-DATA = Path(__file__).parent / "data" / "descgen"
+DATA = Path(__file__).parent / "data"
 
 
 def test_golden_bank_loads():

@@ -1,6 +1,6 @@
 """The descgen CLI end to end (typer CliRunner): fake LLM, a tiny random Llama, and bad input.
 
-pytest tests/test_descgen_cli.py
+pytest tests/descgen/test_cli.py
 """
 
 import json
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from descgen import cli
 from descgen.bank import file_sha256, list_versions, load_bank
-from tests.descgen_fixtures import FakeGenerator, build_tiny_llama, write_bank
+from tests.descgen.fixtures import FakeGenerator, build_tiny_llama, write_bank
 
 runner = CliRunner()
 

@@ -1,6 +1,6 @@
 """Model resolution and one run of the real embedded SmolLM2-135M (slow).
 
-pytest tests/test_descgen_llm.py
+pytest tests/descgen/test_llm.py
 """
 
 import importlib.util

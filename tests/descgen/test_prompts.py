@@ -1,4 +1,4 @@
-"""Prompt files render with their documented variables; the catalog is valid.  Run: pytest tests/test_descgen_prompts.py"""
+"""Prompt files render with their documented variables; the catalog is valid.  Run: pytest tests/descgen/test_prompts.py"""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Parsing, normalisation and the quality-control rules.  Run: pytest tests/test_descgen_qc.py"""
+"""Parsing, normalisation and the quality-control rules.  Run: pytest tests/descgen/test_qc.py"""
 
 import pytest
 

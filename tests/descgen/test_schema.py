@@ -1,10 +1,10 @@
-"""The bank schema: templates, forms, injection, validation, content hash.  Run: pytest tests/test_schema.py"""
+"""The bank schema: templates, forms, injection, validation, content hash.  Run: pytest tests/descgen/test_schema.py"""
 
 import pytest
 from pydantic import ValidationError
 
 from descgen.schema import Bank, Concept, Descriptor, inject, make_template
-from tests.descgen_fixtures import make_doc
+from tests.descgen.fixtures import make_doc
 
 
 @pytest.mark.parametrize(

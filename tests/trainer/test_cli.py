@@ -1,6 +1,6 @@
 """`trainer` CLI: a smoke run with --max-steps and --resume, and one-line errors for bad input.
 
-.venv/bin/pytest tests/test_trainer_cli.py -q
+.venv/bin/pytest tests/trainer/test_cli.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Datasets, templates, spurious captions and the config loader.
 
-.venv/bin/pytest tests/test_data.py -q
+.venv/bin/pytest tests/trainer/test_data.py -q
 """
 
 from __future__ import annotations
@@ -204,12 +204,7 @@ class TestConfig:
     def test_example_configs_validate(self):
         from pathlib import Path
 
-        # bench-*.yaml are `trainer bench` configs (BenchConfig), not run configs
-        configs = sorted(
-            c
-            for c in (Path(__file__).parents[1] / "configs").glob("*.yaml")
-            if not c.name.startswith("bench")
-        )
+        configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
         assert configs
         for c in configs:
             cfg = load_config(c)
@@ -218,7 +213,7 @@ class TestConfig:
     def test_paper_recipe(self):
         from pathlib import Path
 
-        cfg = load_config(Path(__file__).parents[1] / "configs" / "imagenet-vitb16-starft.yaml")
+        cfg = load_config(Path(__file__).parents[2] / "configs" / "imagenet-vitb16-starft.yaml")
         assert (cfg.model, cfg.pretrained, cfg.batch_size, cfg.epochs) == (
             "ViT-B-16",
             "laion2b_s34b_b88k",

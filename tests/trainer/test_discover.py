@@ -1,7 +1,7 @@
 """RaVL discovery: gap / influence / ranking math on hand-built inputs, the pipeline end to end with a
 tiny random open_clip model on a tiny quadrant-digit set, the report, and the bridge to banks.
 
-    .venv/bin/pytest -q tests/test_discover.py
+    .venv/bin/pytest -q tests/trainer/test_discover.py
 """
 
 from __future__ import annotations
@@ -16,36 +16,38 @@ import pytest
 import torch
 from rich.console import Console
 
-from trainer.discover import (
-    ClassGap,
-    DiscoverConfig,
-    assign_dataset,
-    assign_regions,
-    cluster_regions,
-    contact_sheet,
-    discover,
-    discover_from_arrays,
-    feature_images,
-    influence_score,
-    load_report,
-    name_features,
-    performance_gaps,
-    precision_at_k,
-    print_report,
-    propose_to_bank,
-    read_rows,
-    save_report,
-    spurious_mask,
-    to_bank,
-)
-from trainer.ravl import region_embeddings
-from trainer.ravl_data import (
+from bench.ravl_data import (
     CLASSNAMES,
     cramers_v,
     quadrant_samples,
     read_regions,
     rectangle_regions,
     write_quadrant_split,
+)
+from trainer.ravl.discover import (
+    ClassGap,
+    DiscoverConfig,
+    assign_dataset,
+    assign_regions,
+    cluster_regions,
+    discover,
+    discover_from_arrays,
+    feature_images,
+    influence_score,
+    load_report,
+    performance_gaps,
+    precision_at_k,
+    read_rows,
+    save_report,
+    spurious_mask,
+)
+from trainer.ravl.regions import region_embeddings
+from trainer.ravl.report import (
+    contact_sheet,
+    name_features,
+    print_report,
+    propose_features,
+    propose_to_bank,
 )
 
 # --- step 5: gaps and influence by hand -----------------------------------------------------
@@ -398,7 +400,7 @@ def test_name_features_ranks_phrases_by_medoid_similarity(tiny_clip):
     emb, img, labels, iprobs, rprobs, _ = planted()
     report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1))
     # put the model's own text embedding of one phrase as the top feature's medoid
-    from trainer.ravl import class_embeddings
+    from trainer.ravl.regions import class_embeddings
 
     phrases = ["with a red rectangle", "on grass", "in the snow"]
     with torch.no_grad():
@@ -419,7 +421,7 @@ def test_to_bank_names_and_writes(tiny_clip, bank_v1):
     emb, img, labels, iprobs, rprobs, _ = planted()
     report = discover_from_arrays(emb, img, labels, iprobs, rprobs, ["a", "b", "c"], DiscoverConfig(n_cpu=1))
     report = report.model_copy(update={"medoid_embeddings": torch.randn(report.k, 32).tolist()})
-    out = to_bank(report, bank_v1, model, tokenizer, ["with a red rectangle", "with a blue circle"])
+    out = propose_features(report, bank_v1, model, tokenizer, ["with a red rectangle", "with a blue circle"])
     bank = load_bank(out)
     stats = bank.meta.generations[-1].stats
     assert out.name == "v2.yaml" and stats["added"] + stats["matched_existing"] == len(report.features)

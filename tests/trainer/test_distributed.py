@@ -1,6 +1,6 @@
 """Two CPU processes under accelerate equal one process on the same global batch.
 
-    .venv/bin/pytest tests/test_distributed.py -q      # slow: launches subprocesses (~1 minute on 2 cores)
+    .venv/bin/pytest tests/trainer/test_distributed.py -q      # slow: launches subprocesses (~1 minute on 2 cores)
 
 Launched as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (torchrun, gloo on CPU).
 The step gathers features with gradient (torch.distributed.nn.all_gather, as open_clip's ClipLoss does);
@@ -30,7 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from trainer.config import build_config
 from trainer.model import FineTuner, build_clip, make_teacher
-from trainer.train import TeacherFeatures, compute_losses, get_method
+from trainer.methods import get_method
+from trainer.step import TeacherFeatures, compute_losses
 
 torch.set_num_threads(1)
 model_json, out, run_config = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -56,7 +57,7 @@ full = {
     "spurious": tokenizer([f"a photo of a c{int(y)} in the {w}." for y, w in zip(labels, words)]),
     "region_mask": torch.tensor([[(i + j) % 3 == 0 for j in range(4)] for i in range(n)]),  # ravl: 2x2 grid
 }
-from trainer.ravl_method import RavlOptions
+from trainer.ravl.method import RavlOptions
 
 ravl_state = {  # what the ravl method's setup returns, without a report
     "opts": RavlOptions(lam=0.5),
@@ -100,7 +101,7 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 

@@ -1,6 +1,6 @@
 """Loss functions: star_loss against a hand-computed case and a per-row reference; clip_loss targets.
 
-.venv/bin/pytest tests/test_losses.py -q
+.venv/bin/pytest tests/trainer/test_losses.py -q
 """
 
 from __future__ import annotations

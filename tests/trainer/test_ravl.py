@@ -1,6 +1,6 @@
 """Regions, region embeddings and RaVL's region-aware loss.
 
-.venv/bin/pytest -q tests/test_ravl.py
+.venv/bin/pytest -q tests/trainer/test_ravl.py
 """
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.ravl import (
-    class_embeddings,
-    grid_boxes,
-    ravl_batch_loss,
-    ravl_loss,
-    read_boxes_csv,
-    region_embeddings,
-)
+from trainer.ravl.loss import ravl_batch_loss, ravl_loss
+from trainer.ravl.regions import class_embeddings, grid_boxes, read_boxes_csv, region_embeddings
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 

@@ -1,7 +1,7 @@
 """RaVL in the trainer: `trainer discover RUN` and `trainer run --method ravl` on a tiny model and a tiny
 quadrant-digit set.
 
-    .venv/bin/pytest -q tests/test_ravl_method.py
+    .venv/bin/pytest -q tests/trainer/test_ravl_method.py
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from bench.ravl_data import write_quadrant_split
 from tests.conftest import TINY_CLIP
 from trainer.cli import app
-from trainer.discover import Feature, load_report, save_report
-from trainer.ravl_data import write_quadrant_split
+from trainer.ravl.discover import Feature, load_report, save_report
 
 runner = CliRunner()
 

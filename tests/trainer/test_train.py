@@ -1,6 +1,6 @@
 """End-to-end training on a tiny open_clip model: every method, resume equivalence, WiSE-FT, schedules.
 
-.venv/bin/pytest tests/test_train.py -q
+.venv/bin/pytest tests/trainer/test_train.py -q
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 
 from trainer.config import build_config, load_config
 from trainer.errors import ConfigError, RunDirError
-from trainer.train import MethodSpec, compute_losses, get_method, lam_at, lr_at, register_method, train
+from trainer.methods import MethodSpec, get_method
+from trainer.schedules import lam_at, lr_at
+from trainer.step import compute_losses
+from trainer.train import train
 
 
 def _rows(run: Path, kind: str) -> list[dict]:
@@ -172,17 +175,17 @@ def test_schedules():
 
 
 def test_unknown_plugin_method_is_a_clear_error():
-    with pytest.raises(ConfigError, match="not available yet"):
+    with pytest.raises(ConfigError, match="unknown method"):
         get_method("nosuchmethod")
 
 
 def test_registered_extra_term_enters_the_loss(tiny_clip):
-    """A plug-in method's term is added with weight lambda (how trainer/ravl.py hooks in)."""
+    """A method's extra term is added with weight lambda (how StarFT's and RaVL's terms enter)."""
     from accelerate import Accelerator
 
     from trainer.model import FineTuner, build_clip
 
-    register_method(MethodSpec("plus_one", "contrastive", reg_term=lambda ctx: ctx.image.sum() * 0 + 1.0))
+    plus_one = MethodSpec("plus_one", "contrastive", reg_term=lambda ctx: ctx.image.sum() * 0 + 1.0)
     clip, _, tok = build_clip(str(tiny_clip), None)
     batch = {
         "image": torch.randn(4, 3, 32, 32),
@@ -190,9 +193,7 @@ def test_registered_extra_term_enters_the_loss(tiny_clip):
         "caption": tok(["a photo of a cat."] * 4),
     }
     cfg = build_config({"method": "flyp", "data": {"train": {"path": "x.csv"}}}, ["method=flyp"])
-    terms = compute_losses(
-        FineTuner(clip), batch, get_method("plus_one"), cfg, Accelerator(cpu=True), None, 1.0, 0.25
-    )
+    terms = compute_losses(FineTuner(clip), batch, plus_one, cfg, Accelerator(cpu=True), None, 1.0, 0.25)
     assert terms["reg_loss"].item() == 1.0
     assert terms["loss"].item() == pytest.approx(terms["contrastive_loss"].item() + 0.25)
 

@@ -1,0 +1,51 @@
+"""Spurious captions S_i: a bank descriptor injected into the caption, the clean caption, or random words.
+
+from trainer.data.captions import SpuriousCaptions; s = SpuriousCaptions("bank", 0, descriptors)(c, 0, 7)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from trainer.errors import DataError
+
+# Neutral everyday words for the `spurious: random` ablation (1-3 of them as a caption suffix).
+_WORDS = """
+table window paper river music number garden morning letter orange pencil yellow circle bottle sudden
+quiet gentle simple happy little heavy bright narrow square ticket answer silver button mirror basket
+candle doctor engine finger island jacket kitchen ladder market needle pocket rabbit saddle tunnel
+velvet wagon anchor blanket cotton dinner feather hammer iron jelly kettle lemon marble noodle ocean
+pepper rocket shadow thunder violin walnut zipper copper desk flame
+"""
+RANDOM_WORDS = tuple(_WORDS.split())
+
+
+class SpuriousCaptions:
+    """Draws S_i for a caption: a bank descriptor (uniform), the clean caption, or random words.
+
+    The draw depends only on (seed, epoch, sample index), so it is the same with any number of processes
+    and after a resume.
+    """
+
+    def __init__(self, mode: str, seed: int, descriptors: Sequence[Any] = (), words: Sequence[str] = ()):
+        if mode == "bank" and not descriptors:
+            raise DataError("no approved descriptors to draw spurious captions from")
+        self.mode, self.seed = mode, seed
+        self.descriptors = list(descriptors)
+        self.words = list(words) or list(RANDOM_WORDS)
+
+    def __call__(self, caption: str, epoch: int, index: int) -> str:
+        if self.mode == "none":
+            return caption
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        if self.mode == "bank":
+            return self.descriptors[rng.randrange(len(self.descriptors))].apply(caption)
+        k = rng.randint(1, 3)
+        return (
+            caption.strip().rstrip(".").rstrip()
+            + " "
+            + " ".join(rng.choice(self.words) for _ in range(k))
+            + "."
+        )
