@@ -21,7 +21,6 @@ Writes `results.json`, `results.png` and the runs under `out_dir`.
 from __future__ import annotations
 
 import csv
-import csv as _csv
 import hashlib
 import json
 import math
@@ -56,7 +55,8 @@ from trainer.config import build_config, load_config
 from trainer.evaluate import zero_shot_head
 from trainer.losses import soft_clip_loss
 from trainer.model import build_clip
-from trainer.ravl.discover import assign_dataset, load_report, precision_at_k
+from trainer.ravl.discover import load_report, precision_at_k, report_model_path
+from trainer.ravl.method import label_spurious_regions
 from trainer.ravl.regions import region_embeddings
 from trainer.ravl.report import discover_run
 from trainer.schedules import cosine_lr
@@ -255,13 +255,21 @@ class RavlSuiteConfig(_Frozen):
         description="fine-tuning seeds per class (about half the settings learn the shortcut at s=0.95;"
         " six per class leave >= 5 learned settings for precision@10)",
     )
-    methods: tuple[Literal["flyp", "ravl", "upsampled", "ravl_crop"], ...] = Field(
-        ("flyp", "ravl", "upsampled"), description="ravl uses `region_mode`; ravl_crop is ravl with crops"
+    methods: tuple[Literal["flyp", "ravl", "upsampled", "ravl_crop", "vl_erm", "vl_gdro"], ...] = Field(
+        ("flyp", "ravl", "upsampled"),
+        description="ravl uses `region_mode`; ravl_crop is ravl with crops; vl_erm / vl_gdro are the paper's"
+        " VL-ERM / VL-GDRO rows (λ ravl_lam, on the upsampled set, i.e. a sampler weighted to equal groups)",
     )
     n_train: int = 2000
     n_discover: int = 600  # unbiased, held-out digits: discovery set
     n_test: int = 4000  # unbiased, held-out digits: mitigation metrics (200 a group)
     steps: int = 150
+    epochs: int | None = Field(None, description="train this many epochs instead of `steps` (paper setting)")
+    val_images: int = Field(
+        0,
+        description="> 0: early stopping on an ID validation split of this size (drawn like the training"
+        " set, own seed), evaluated every epoch; the best checkpoint by val top-1 is audited and scored",
+    )
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 10
@@ -269,7 +277,19 @@ class RavlSuiteConfig(_Frozen):
         0.5  # tuned on split=val at s=0.95 (0.5 vs the paper's 0.8); the trainer default stays 0.8
     )
     ravl_tau: float = 0.07
-    region_mode: Literal["crop", "roi"] = "roi"
+    ravl_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="over the batch: sum is the paper's (and the trainer's default); ravl_lam 0.5 was"
+        " tuned with the mean",
+    )
+    region_mode: Literal["crop", "roi"] = Field(
+        "roi", description="the one region embedding of discovery, of labelling R^s and of ravl's loss"
+    )
+    clusterings: tuple[Literal["fasterpam", "alternate"], ...] = Field(
+        ("fasterpam",),
+        description="discovery's k-medoids; the first one's report is mitigated, P@10 is recorded for each"
+        " (p_at_10, p_at_10_<name>); alternate is RaVL's (alternating from k-medoids++, seed 0)",
+    )
     lock_text: bool = Field(
         False,
         description="flyp and upsampled train the image tower only, as ravl does (RaVL's paper fine-tunes"
@@ -277,6 +297,11 @@ class RavlSuiteConfig(_Frozen):
     )
     gap_threshold: float = Field(
         5.0, description="points: other classes' accuracy without − with the rectangle"
+    )
+    learned: Literal["gap", "paper"] = Field(
+        "gap",
+        description="which settings count as learned: gap (gap_others ≥ gap_threshold) or paper (ε1 and ε2,"
+        " gap_class and gap_others, both above 10 for every seed of the class × strength); both are recorded",
     )
     pretrain: QuadPretrainConfig = Field(default_factory=QuadPretrainConfig)
     out_dir: str = "runs/bench-ravl"
@@ -301,10 +326,12 @@ def _run(
     test_csv: Path,
     zs: Path,
     seed: int,
+    val_csv: Path | None = None,
     **extra,
 ):
     """One trainer run; returns its directory `<name>-<hash of its settings>` (reused when its metrics exist,
-    so changing lr, steps, λ, ... makes a new run instead of silently reusing an old one)."""
+    so changing lr, steps, λ, ... makes a new run instead of silently reusing an old one). With `val_csv`
+    the run evaluates only that ID split, every epoch, and keeps its best checkpoint (early stopping)."""
 
     runs = Path(cfg.out_dir) / cfg.split / "runs"
     classes = str(train_csv.parent / "classes.txt")
@@ -317,6 +344,8 @@ def _run(
             "eval": [{"path": str(test_csv), "classes": classes, "name": "test"}],
         },
         "caption": CAPTION,
+        # region masks are labelled on the deterministic preprocess: train on it (no random crops)
+        "train_transform": "eval",
         "templates": [CAPTION],
         "batch_size": cfg.batch_size,
         "total_steps": cfg.steps,
@@ -331,6 +360,15 @@ def _run(
         "progress": False,
         **extra,
     }
+    if cfg.epochs is not None:  # only when set, so the runs of the step-count settings keep their hashes
+        data.pop("total_steps")
+        data["epochs"] = cfg.epochs
+    if val_csv is not None:
+        data["data"] = {
+            "train": data["data"]["train"],
+            "val": {"path": str(val_csv), "classes": classes, "name": "val"},
+        }
+        data["eval_every"] = 1
     settings = {k: v for k, v in data.items() if k not in ("threads", "progress")}
     name = f"{name}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
     if (runs / name / "metrics.json").is_file():
@@ -374,14 +412,24 @@ def shortcut_sides(per_group: dict[str, float], spurious: str) -> dict[str, floa
     }
 
 
+def run_weights(run_dir: Path) -> Path:
+    """The checkpoint a run is judged by: the best on its validation split (early stopping) when it has
+    one, else the last."""
+    best = run_dir / "checkpoints" / "best.safetensors"
+    return best if best.is_file() else run_dir / "checkpoints" / "last.safetensors"
+
+
 @torch.no_grad()
-def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
+def region_worst_group(run_dir: Path, test_csv: Path, with_image: bool = False) -> dict[str, Any]:
     """Zero-shot classification of each test image's digit quadrant, accuracy overall and worst group over
     class × rectangle present: with RoI pooling of the full image's feature map (the paper's RoIAlign;
-    `region_*`) and with the quadrant cropped and resized through the transform (`region_*_crop`)."""
+    `region_*`) and with the quadrant cropped and resized through the transform (`region_*_crop`).
+    The run's `run_weights`. `with_image` adds "image": whole-image top1, worst_group and per_group
+    (`class/group`), as the trainer's evaluation reports them, for runs that did not evaluate the test set.
+    """
 
     cfg = load_config(run_dir / "config.yaml")
-    clip, preprocess, tokenizer = build_clip(cfg.model, str(run_dir / "checkpoints" / "last.safetensors"))
+    clip, preprocess, tokenizer = build_clip(cfg.model, str(run_weights(run_dir)))
     clip.eval()
     head = zero_shot_head(clip, tokenizer, list(CLASSNAMES), [lambda c: CAPTION.replace("{c}", c)])
     with test_csv.open(newline="") as f:
@@ -399,7 +447,15 @@ def region_worst_group(run_dir: Path, test_csv: Path) -> dict[str, float]:
         labels.append(CLASSNAMES.index(row["label"]))
         groups.append(f"{row['label']}/{row['group']}")
     y = torch.tensor(labels)
-    out = {}
+    out: dict[str, Any] = {}
+    if with_image:
+        x = torch.stack(full)
+        emb = torch.cat(
+            [F.normalize(clip.encode_image(x[i : i + 250]), dim=-1) for i in range(0, len(x), 250)]
+        )
+        ok = ((emb @ head.T).argmax(1) == y).numpy()
+        per = {k: 100 * float(ok[[g == k for g in groups]].mean()) for k in sorted(set(groups))}
+        out["image"] = {"top1": 100 * float(ok.mean()), "worst_group": min(per.values()), "per_group": per}
     for mode, x in (("", torch.stack(full)), ("_crop", torch.stack(crops))):
         embs = []
         for i in range(0, len(x), 250):
@@ -436,6 +492,153 @@ def _learned_gap(report, disc_csv: Path, spurious_class: int) -> dict[str, float
     }
 
 
+def _report(
+    cfg: RavlSuiteConfig, flyp: Path, out: Path, disc_csv: Path, seed: int, mode: str, clustering: str
+):
+    """Discovery with the flyp run's (best) checkpoint: the report of one region mode and clustering
+    (crop + FasterPAM keep the folder name they had before these options)."""
+    suffix = ("" if mode == "crop" else f"-{mode}") + ("" if clustering == "fasterpam" else f"-{clustering}")
+    rep_dir = out / "reports" / f"{flyp.name}{suffix}"
+    if not (rep_dir / "report.json").is_file():
+        classes = disc_csv.parent / "classes.txt"
+        discover_run(flyp, disc_csv, classes, out=rep_dir, seed=seed, mode=mode, clustering=clustering)
+    return rep_dir / "report.json"
+
+
+def _feature_flags(report_path: Path, rows: list[tuple[str, int]]) -> list[bool]:
+    """Per training image: has a region in the report's top feature, labelled with the report's model and
+    its region embedding (`trainer.ravl.method.label_spurious_regions`, as the ravl run labels them)."""
+    report = load_report(report_path)
+    if not report.features:
+        return [False] * len(rows)
+    side = json.loads(report_model_path(report_path).read_text())
+    clip, pre, _ = build_clip(side["model"], side["weights"])
+    mask = label_spurious_regions(report, clip.eval(), pre, [p for p, _ in rows], report.config.mode)
+    return mask.any(1).tolist()
+
+
+def _setting(
+    cfg: RavlSuiteConfig,
+    zs: Path,
+    data: Path,
+    disc_csv: Path,
+    test_csv: Path,
+    gt,
+    c: int,
+    s: float,
+    sd: int,
+) -> dict[str, Any]:
+    """One setting (spurious class × strength × seed): flyp, discovery, P@10, learned gaps, mitigation rows."""
+    out = Path(cfg.out_dir) / cfg.split
+    key = f"c{c}-s{s:g}-seed{sd}"
+    _log(cfg, f"setting {key}")
+    row: dict[str, Any] = {"key": key, "class": CLASSNAMES[c], "strength": s, "seed": sd}
+    train_csv = data / f"train-{key}.csv"
+    if not train_csv.is_file():
+        write_quadrant_split(data, f"train-{key}", cfg.n_train, spurious_class=c, strength=s, seed=sd)
+    val_csv = None
+    if cfg.val_images:
+        val_csv = data / f"val-{key}-n{cfg.val_images}.csv"
+        if not val_csv.is_file():  # ID: drawn like the training set, from the same pool, its own seed
+            write_quadrant_split(
+                data, val_csv.stem, cfg.val_images, spurious_class=c, strength=s, seed=sd + 50_000
+            )
+    timing: dict[str, float] = {}
+    t = time.time()
+    locked = {"freeze_text": True} if cfg.lock_text else {}
+    flyp = _run(cfg, f"{key}-flyp", "flyp", train_csv, test_csv, zs, sd, val_csv, **locked)
+    timing["flyp_train"] = time.time() - t
+    t = time.time()
+    reports = {m: _report(cfg, flyp, out, disc_csv, sd, cfg.region_mode, m) for m in cfg.clusterings}
+    rep_path = reports[cfg.clusterings[0]]
+    report = load_report(rep_path)
+    timing["discover"] = time.time() - t
+    row["p_at_10"] = precision_at_k(report, gt, k=10) if report.features else 0.0
+    for m, p in list(reports.items())[1:]:
+        other = load_report(p)
+        row[f"p_at_10_{m}"] = precision_at_k(other, gt, k=10) if other.features else 0.0
+        row[f"n_features_{m}"] = len(other.features)
+    row["n_features"] = len(report.features)
+    row.update(_learned_gap(report, disc_csv, c))
+    row["learned"] = row["gap_others"] >= cfg.gap_threshold
+    row["eps_learned"] = row["gap_others"] > 10 and row["gap_class"] > 10  # this seed's half of the paper's
+    up_csv = data / f"train-{flyp.name}{rep_path.parent.name[len(flyp.name) :]}-upsampled.csv"
+    methods: dict[str, Any] = {}
+    for m in cfg.methods:
+        t = time.time()
+        if m == "flyp":
+            run = flyp
+        elif m in ("ravl", "ravl_crop", "vl_erm", "vl_gdro"):
+            if not report.features:
+                methods[m] = None
+                continue
+            mode = "crop" if m == "ravl_crop" else cfg.region_mode
+            rp = (
+                rep_path
+                if mode == cfg.region_mode
+                else _report(cfg, flyp, out, disc_csv, sd, mode, cfg.clusterings[0])
+            )
+            if not load_report(rp).features:
+                methods[m] = None
+                continue
+            options: dict[str, Any] = {"lam": cfg.ravl_lam, "tau": cfg.ravl_tau, "region_mode": mode}
+            options["reduction"] = cfg.ravl_reduction  # always written: the trainer's default changed
+            train_on = train_csv
+            if m in ("vl_erm", "vl_gdro"):
+                options = {"lam": cfg.ravl_lam, "region_mode": mode, "loss": m[3:]}
+                train_on = _upsampled(up_csv, train_csv, rp, data)
+            run = _run(
+                cfg, f"{key}-{m}", "ravl", train_on, test_csv, zs, sd, val_csv,
+                discovered=str(rp), method_options=options,
+            )  # fmt: skip
+        else:
+            run = _run(cfg, f"{key}-upsampled", "flyp", _upsampled(up_csv, train_csv, rep_path, data),
+                       test_csv, zs, sd, val_csv, **locked)  # fmt: skip
+        region = region_worst_group(run, test_csv, with_image=val_csv is not None)
+        metrics = (
+            region.pop("image")
+            if val_csv is not None
+            else json.loads((run / "metrics.json").read_text())["final"]["test"]
+        )
+        methods[m] = {
+            "image_acc": round(metrics["top1"], 2),
+            "image_wg": round(metrics["worst_group"], 2),
+            **shortcut_sides(metrics["per_group"], CLASSNAMES[c]),
+            **region,
+        }
+        if val_csv is not None:
+            methods[m]["best_step"] = json.loads((run / "metrics.json").read_text())["best"]["step"]
+        timing[m] = time.time() - t  # run + region evaluation (flyp: evaluation only)
+    row["methods"] = methods
+    row["seconds"] = {k: round(v, 1) for k, v in timing.items()}
+    _log(cfg, f"  {json.dumps({k: v for k, v in row.items() if k != 'seconds'})}")
+    return row
+
+
+def _upsampled(up_csv: Path, train_csv: Path, report_path: Path, data: Path) -> Path:
+    """The training set upsampled to equal discovered groups (written once per flyp run and report)."""
+    if not up_csv.is_file():
+        with train_csv.open(newline="") as f:
+            rows = [
+                (str((data / r["path"]).resolve()), CLASSNAMES.index(r["label"])) for r in csv.DictReader(f)
+            ]
+        flags = _feature_flags(report_path, rows)
+        _upsampled_csv(train_csv, [(y, f) for (_, y), f in zip(rows, flags)], up_csv)
+    return up_csv
+
+
+def mark_paper_learned(settings: list[dict]) -> None:
+    """RaVL's criterion: a class × strength is learned when ε1 (gap_class) and ε2 (gap_others) both
+    exceed 10 points for every one of its seeds; sets `learned_paper` on each setting."""
+    by: dict[tuple, list[dict]] = {}
+    for r in settings:
+        by.setdefault((r["class"], r["strength"]), []).append(r)
+    for rows in by.values():
+        ok = all(r["gap_others"] > 10 and r["gap_class"] > 10 for r in rows)
+        for r in rows:
+            r["learned_paper"] = ok
+
+
 def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
     """Run the suite; returns (and writes to OUT/SPLIT/results.json) settings, summary and wall times."""
 
@@ -463,84 +666,11 @@ def run_ravl_suite(cfg: RavlSuiteConfig | None = None) -> dict[str, Any]:
     for c in cfg.classes:
         for s in cfg.strengths:
             for seed in cfg.seeds:
-                sd = base + seed
-                key = f"c{c}-s{s:g}-seed{sd}"
-                _log(cfg, f"setting {key}")
-                row: dict[str, Any] = {"key": key, "class": CLASSNAMES[c], "strength": s, "seed": sd}
-                train_csv = data / f"train-{key}.csv"
-                if not train_csv.is_file():
-                    write_quadrant_split(
-                        data, f"train-{key}", cfg.n_train, spurious_class=c, strength=s, seed=sd
-                    )
-                timing: dict[str, float] = {}
-                t = time.time()
-                locked = {"freeze_text": True} if cfg.lock_text else {}
-                flyp = _run(cfg, f"{key}-flyp", "flyp", train_csv, test_csv, zs, sd, **locked)
-                timing["flyp_train"] = time.time() - t
-                t = time.time()
-                rep_dir = out / "reports" / flyp.name  # the audit of that flyp run
-                if not (rep_dir / "report.json").is_file():
-                    discover_run(flyp, disc_csv, data / "classes.txt", out=rep_dir, seed=sd)
-                report = load_report(rep_dir / "report.json")
-                timing["discover"] = time.time() - t
-                row["p_at_10"] = precision_at_k(report, gt, k=10) if report.features else 0.0
-                row["n_features"] = len(report.features)
-                row.update(_learned_gap(report, disc_csv, c))
-                row["learned"] = row["gap_others"] >= cfg.gap_threshold
-                methods: dict[str, Any] = {}
-                for m in cfg.methods:
-                    t = time.time()
-                    if m == "flyp":
-                        run = flyp
-                    elif m in ("ravl", "ravl_crop"):
-                        if not report.features:
-                            methods[m] = None
-                            continue
-                        run = _run(
-                            cfg,
-                            f"{key}-{m}",
-                            "ravl",
-                            train_csv,
-                            test_csv,
-                            zs,
-                            sd,
-                            discovered=str(rep_dir / "report.json"),
-                            method_options={
-                                "lam": cfg.ravl_lam,
-                                "tau": cfg.ravl_tau,
-                                "region_mode": "crop" if m == "ravl_crop" else cfg.region_mode,
-                            },
-                        )
-                    else:
-                        up_csv = data / f"train-{flyp.name}-upsampled.csv"
-                        if not up_csv.is_file():
-                            with train_csv.open(newline="") as f:
-                                rows_ = [
-                                    (str((data / r["path"]).resolve()), CLASSNAMES.index(r["label"]))
-                                    for r in _csv.DictReader(f)
-                                ]
-                            if report.features:
-                                clip, pre, _ = build_clip(
-                                    str(zs / "model.json"), str(flyp / "checkpoints" / "last.safetensors")
-                                )
-                                _, spur = assign_dataset(report, clip.eval(), pre, rows_)
-                                flags = [any(v) for v in spur]
-                            else:
-                                flags = [False] * len(rows_)
-                            _upsampled_csv(train_csv, [(y, f) for (_, y), f in zip(rows_, flags)], up_csv)
-                        run = _run(cfg, f"{key}-upsampled", "flyp", up_csv, test_csv, zs, sd, **locked)
-                    metrics = json.loads((run / "metrics.json").read_text())["final"]["test"]
-                    methods[m] = {
-                        "image_acc": round(metrics["top1"], 2),
-                        "image_wg": round(metrics["worst_group"], 2),
-                        **shortcut_sides(metrics["per_group"], CLASSNAMES[c]),
-                        **region_worst_group(run, test_csv),
-                    }
-                    timing[m] = time.time() - t  # run + region evaluation (flyp: evaluation only)
-                row["methods"] = methods
-                row["seconds"] = {k: round(v, 1) for k, v in timing.items()}
-                settings.append(row)
-                _log(cfg, f"  {json.dumps({k: v for k, v in row.items() if k != 'seconds'})}")
+                settings.append(_setting(cfg, zs, data, disc_csv, test_csv, gt, c, s, base + seed))
+    mark_paper_learned(settings)
+    if cfg.learned == "paper":
+        for r in settings:
+            r["learned"] = r["learned_paper"]
     results = {
         "config": cfg.model_dump(mode="json"),
         "zero_shot": zs_meta["zero_shot"],
@@ -600,7 +730,14 @@ def summarize(settings: list[dict], methods) -> dict[str, Any]:
         "p_at_10_all": _ms([r["p_at_10"] for r in settings]),
         "gap_others_all": _ms([r["gap_others"] for r in settings]),
     }
-    for scope, rows in (("learned", learned), ("all", settings)):
+    paper = [r for r in settings if r.get("learned_paper")]
+    out["learned_paper"] = len(paper)
+    for name in sorted({k[len("p_at_10_") :] for r in settings for k in r if k.startswith("p_at_10_")}):
+        out[f"p_at_10_{name}_learned"] = _ms([r[f"p_at_10_{name}"] for r in learned])
+        out[f"p_at_10_{name}_all"] = _ms([r[f"p_at_10_{name}"] for r in settings])
+    if "ravl" in methods and "flyp" in methods:
+        out["rule_ravl_minus_flyp_image_wg"] = rule_difference(settings)
+    for scope, rows in (("learned", learned), ("all", settings), ("learned_paper", paper)):
         out[f"mitigation_{scope}"] = {
             m: {k: _ms([r["methods"][m].get(k) for r in rows if r["methods"].get(m)]) for k in METRICS}
             for m in methods
@@ -613,6 +750,17 @@ def summarize(settings: list[dict], methods) -> dict[str, Any]:
             c: {m: _paired([r for r in settings if r.get("class") == c], m) for m in others} for c in classes
         }
     return out
+
+
+def rule_difference(settings: list[dict], method: str = "ravl", key: str = "image_wg") -> float | None:
+    """The pre-registered rule's statistic: mean over the settings of `method` − flyp on `key`, a setting
+    without a `method` row (no discovered feature: RaVL is then plain fine-tuning) counting as 0."""
+    diffs = [
+        (r["methods"][method][key] - r["methods"]["flyp"][key]) if r["methods"].get(method) else 0.0
+        for r in settings
+        if r["methods"].get("flyp")
+    ]
+    return round(float(np.mean(diffs)), 3) if diffs else None
 
 
 def _paired(settings: list[dict], method: str) -> dict[str, dict[str, Any]]:

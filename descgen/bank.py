@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from descgen import __version__
-from descgen.errors import BankError
+from descgen.errors import BankError, DescgenError
 from descgen.schema import Bank, Concept, Descriptor, Generation, Status, content_hash
 
 BANK_RE = re.compile(r"^v(\d+)\.yaml$")
+SUPERSEDED = "superseded"  # banks/superseded/: older versions, still resolved by number and old path
 HEADER = """\
 descgen descriptor bank. Review: set `status:` to approved or rejected (or run `descgen review`).
 Edit a template freely but keep exactly one {caption}; comments you add here are kept by descgen.
@@ -53,12 +54,46 @@ def _yaml() -> YAML:
 
 
 def list_versions(banks_dir: str | Path) -> list[tuple[int, Path]]:
-    """(version, path) of every vN.yaml in `banks_dir`, oldest first."""
-    d = Path(banks_dir)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := BANK_RE.match(p.name))]
-    return sorted(found)
+    """(version, path) of every vN.yaml in `banks_dir` and its superseded/ folder, oldest first."""
+    found: dict[int, Path] = {}
+    for d in (Path(banks_dir) / SUPERSEDED, Path(banks_dir)):  # top level wins a (hand-made) clash
+        if d.is_dir():
+            found |= {int(m.group(1)): p for p in d.iterdir() if (m := BANK_RE.match(p.name))}
+    return sorted(found.items())
+
+
+def resolve_bank_path(path: str | Path) -> Path:
+    """`path`, or banks/superseded/vN.yaml when banks/vN.yaml was moved there; unchanged if neither exists."""
+    path = Path(path)
+    if not path.exists() and BANK_RE.match(path.name):
+        old = path.parent / SUPERSEDED / path.name
+        if old.exists():
+            return old
+    return path
+
+
+def supersede(banks_dir: str | Path, keep: Iterable[int]) -> list[Path]:
+    """Move every version but `keep` (and the newest) with its log into banks_dir/superseded/.
+
+    Nothing is rewritten: a version keeps its number, content and lineage, and `resolve_bank_path`
+    (so `load_bank`, `descgen show/diff/validate --bank`) still finds it under its old path.
+    """
+    banks_dir = Path(banks_dir)
+    versions = list_versions(banks_dir)
+    keep = set(keep) | ({versions[-1][0]} if versions else set())
+    dest = banks_dir / SUPERSEDED
+    moved = []
+    for v, p in versions:
+        if v in keep or p.parent != banks_dir:
+            continue
+        dest.mkdir(exist_ok=True)
+        for f in (p, p.with_suffix(".log.jsonl")):
+            if f.exists():
+                if (dest / f.name).exists():
+                    raise BankError(f"{dest / f.name}: exists; not moving {f} over it")
+                f.rename(dest / f.name)
+                moved.append(dest / f.name)
+    return moved
 
 
 def latest_bank(banks_dir: str | Path) -> Path | None:
@@ -76,7 +111,7 @@ def version_of(path: str | Path) -> int | None:
 
 def read_doc(path: str | Path) -> CommentedMap:
     """Parse a bank file as round-trip YAML; BankError naming file and line on any problem."""
-    path = Path(path)
+    path = resolve_bank_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -144,7 +179,7 @@ def load_bank(path: str | Path) -> Bank:
 def file_sha256(path: str | Path) -> str:
     import hashlib
 
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(resolve_bank_path(path).read_bytes()).hexdigest()
 
 
 def _plain(node: Any) -> Any:
@@ -156,6 +191,9 @@ def _plain(node: Any) -> Any:
     return node
 
 
+FLOW_LISTS = ("synonyms", "sources", "region_ids", "alternatives")  # short lists written on one line
+
+
 def _to_yaml(node: Any, flow_lists: bool = False) -> Any:
     """Plain data -> ruamel containers laid out for people (short lists in flow style)."""
     if isinstance(node, dict):
@@ -163,7 +201,7 @@ def _to_yaml(node: Any, flow_lists: bool = False) -> Any:
         for k, v in node.items():
             if v is None or (isinstance(v, (dict, list)) and not v and k != "descriptors"):
                 continue
-            m[k] = _to_yaml(v, flow_lists=k in ("synonyms", "sources"))
+            m[k] = _to_yaml(v, flow_lists=k in FLOW_LISTS)
         return m
     if isinstance(node, list):
         s = CommentedSeq(_to_yaml(v) for v in node)
@@ -185,7 +223,8 @@ class BankDoc:
 
     @classmethod
     def load(cls, path: str | Path) -> BankDoc:
-        doc = cls(read_doc(path), Path(path))
+        path = resolve_bank_path(path)
+        doc = cls(read_doc(path), path)
         _ = doc.bank  # validate now: never build on an invalid base
         return doc
 
@@ -214,20 +253,27 @@ class BankDoc:
 
     # -- edits --
 
-    def start_generation(self, command: str, **fields: Any) -> str:
+    def start_generation(self, command: str, started_at: str | None = None, **fields: Any) -> str:
         """Append a provenance record; returns its id (g1, g2, ...)."""
         gens = self.data["meta"].setdefault("generations", CommentedSeq())
         gid = f"g{len(gens) + 1}"
         while any(g.get("id") == gid for g in gens):
             gid = f"g{int(gid[1:]) + 1}"
-        rec = Generation(id=gid, command=command, tool_version=__version__, started_at=now(), **fields)
+        started_at = started_at or now()
+        rec = Generation(id=gid, command=command, tool_version=__version__, started_at=started_at, **fields)
         gens.append(_to_yaml(rec.model_dump(mode="json")))
         return gid
 
-    def finish_generation(self, gid: str, stop_reason: str | None = None, stats: dict | None = None) -> None:
+    def finish_generation(
+        self,
+        gid: str,
+        stop_reason: str | None = None,
+        stats: dict | None = None,
+        finished_at: str | None = None,
+    ) -> None:
         for g in self.data["meta"]["generations"]:
             if g.get("id") == gid:
-                g["finished_at"] = now()
+                g["finished_at"] = finished_at or now()
                 if stop_reason:
                     g["stop_reason"] = stop_reason
                 if stats:
@@ -273,6 +319,14 @@ class BankDoc:
                 return
         raise BankError(f"{self.path or 'bank'}: no concept or descriptor with id {item_id!r}")
 
+    def set_evidence(self, item_id: str, evidence: dict[str, Any]) -> None:
+        """Attach (replace) the discovery evidence of a descriptor."""
+        for iid, node in self.items():
+            if iid == item_id and "template" in node:
+                node["evidence"] = _to_yaml(evidence)
+                return
+        raise BankError(f"{self.path or 'bank'}: no descriptor with id {item_id!r}")
+
     def set_template(self, item_id: str, template: str) -> None:
         for iid, node in self.items():
             if iid == item_id and "template" in node:
@@ -288,23 +342,31 @@ class BankDoc:
         return buf.getvalue()
 
     def save(
-        self, banks_dir: str | Path = "banks", out: str | Path | None = None, log: list[dict] | None = None
+        self,
+        banks_dir: str | Path = "banks",
+        out: str | Path | None = None,
+        log: list[dict] | None = None,
+        version: int | None = None,
     ) -> Path:
         """Write this document as a new bank version; never overwrites. Returns the new path.
 
-        With `out`, write exactly there (fails if it exists). Otherwise take the next free vN.yaml in
-        `banks_dir`, moving on to the next number if another process takes one first. `log` records
-        (raw LLM replies, rejected phrases and their reasons) go to a sidecar vN.log.jsonl.
+        With `out`, write exactly there (fails if it exists). With `version`, write exactly that vN.yaml
+        in `banks_dir` (VersionTaken if it exists). Otherwise take the next free vN.yaml in `banks_dir`
+        (superseded versions count), moving on to the next number if another process takes one first.
+        `log` records (raw LLM replies, rejected phrases and their reasons) go to a sidecar vN.log.jsonl.
         """
         banks_dir = Path(banks_dir)
         parent = self.version
+        wanted = version
         for _ in range(20):
             if out is not None:
                 dest = Path(out)
                 version = version_of(dest) or _next_version(dest.parent)
             else:
-                version = _next_version(banks_dir)
+                version = wanted or _next_version(banks_dir)
                 dest = banks_dir / f"v{version}.yaml"
+                if wanted is not None and resolve_bank_path(dest).exists():
+                    raise VersionTaken(dest)
             meta = self.data["meta"]
             meta["version"] = version
             if parent is not None:
@@ -324,6 +386,8 @@ class BankDoc:
             except FileExistsError:
                 if out is not None:
                     raise BankError(f"{dest}: exists; a bank version is never overwritten") from None
+                if wanted is not None:
+                    raise VersionTaken(dest) from None
                 continue  # another process took this number: try the next one
             if log:
                 lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log)
@@ -341,6 +405,70 @@ def _next_version(banks_dir: Path) -> int:
     return versions[-1][0] + 1 if versions else 1
 
 
+class VersionTaken(BankError):
+    """The exact version `save(version=N)` was asked for exists already (another writer took it)."""
+
+    def __init__(self, dest: Path):
+        super().__init__(f"{dest}: exists; a bank version is never overwritten")
+        self.dest = dest
+
+
+# A command's edits as a recorded operation: applied to a fresh copy of its base, and again to a newer
+# version if another command wrote one meanwhile. It may return the sidecar log records.
+Change = Callable[["BankDoc"], "list[dict] | None"]
+MAX_REBASES = 20
+
+
+def save_change(
+    base: BankDoc | None,
+    change: Change,
+    banks_dir: str | Path = "banks",
+    out: str | Path | None = None,
+    follow: bool = True,
+    on_rebase: Callable[[Path], None] | None = None,
+) -> Path:
+    """Apply `change` to a copy of `base` (None: a new bank) and write the result as a new version.
+
+    With `follow` (the base is the newest version, i.e. no --bank given) and no `out`, the new version
+    must be the base's successor: if another writer has written a newer version meanwhile, the change
+    is re-applied on the newest version (`on_rebase` is told which), so no writer's change is lost.
+    If it no longer applies there, DescgenError saying what to rerun; nothing is written.
+    """
+    banks_dir = Path(banks_dir)
+    current, rebased = base, False
+    for _ in range(MAX_REBASES):
+        doc = current.derive() if current is not None else BankDoc.new()
+        try:
+            log = change(doc)
+            if out is not None or not follow:
+                return doc.save(banks_dir, out=out, log=log)
+            base_version = (version_of(current.path) or current.version or 0) if current is not None else 0
+            newest = list_versions(banks_dir)
+            if newest and newest[-1][0] > base_version:
+                current, rebased = BankDoc.load(newest[-1][1]), True
+                if on_rebase is not None:
+                    on_rebase(current.path)
+                continue
+            return doc.save(banks_dir, log=log, version=base_version + 1)
+        except VersionTaken:
+            continue  # another writer took the number: re-read the newest and re-apply
+        except DescgenError as e:
+            if not rebased:
+                raise
+            raise DescgenError(
+                f"{current.path} was written meanwhile by another command and this change no longer "
+                f"applies to it ({e}); nothing was written: rerun the command"
+            ) from None
+    raise BankError(f"{banks_dir}: too many concurrent writers; nothing was written: rerun the command")
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_exclusive(text: str, dest: Path) -> None:
     """Write `text` to `dest` atomically; FileExistsError if `dest` exists (never clobbers)."""
     d = dest.parent
@@ -355,6 +483,7 @@ def _write_exclusive(text: str, dest: Path) -> None:
     except OSError as e:
         raise BankError(f"{d}: cannot write ({e.strerror}); nothing was written") from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the user's usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

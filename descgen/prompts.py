@@ -1,4 +1,4 @@
-"""Prompt files and the concept catalog: data in prompts/, rendered strictly.
+"""Prompt files and the concept catalog: package data (prompts/, PROMPTS_DIR), rendered strictly.
 
     from descgen.prompts import load_prompt; p = load_prompt("descriptors"); msgs, prefill = p.render(concept="texture", ...)
 
@@ -21,7 +21,9 @@ from ruamel.yaml.error import YAMLError
 from descgen.errors import DescgenError
 from descgen.schema import Form, normalize_phrase
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# Package data: descgen/prompt_files is a link to the top-level prompts/ in a checkout (where reviewers
+# find it) and a real folder in an installed wheel. Resolved, so messages name prompts/ in a checkout.
+PROMPTS_DIR = (Path(__file__).resolve().parent / "prompt_files").resolve()
 PREFILL_MARK = "--- prefill ---"
 
 

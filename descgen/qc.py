@@ -40,6 +40,10 @@ COINED = "coined compound"
 VAGUE = "vague"
 OTHER_CONCEPT = "another concept's word"
 NOT_ADJECTIVE = "not an adjective"
+PROPER_NOUN = "proper noun"
+NOT_VISIBLE = "not visible"
+UNGRAMMATICAL = "ungrammatical"
+SAME_NOUN = "same noun as accepted ones"
 
 ARTICLES = {"a", "an", "the"}
 PREPOSITIONS = {
@@ -234,6 +238,15 @@ def _adjective_shaped(word: str, rules: Rules) -> bool:
     return word.endswith(_ADJ_ENDINGS)
 
 
+def _coined_y(word: str, rules: Rules) -> bool:
+    """'smoothy', 'roughy': a plain adjective plus -y, and a rare word (real ones: 'silky', 'wrinkly')."""
+    if not word.endswith("y") or len(word) < 5 or word in rules.adjectives:
+        return False
+    base = word[:-1]
+    bases = {base, base[:-1] if len(base) > 2 and base[-1] == base[-2] else base}
+    return any(b in rules.adjectives for b in bases) and zipf(word) < 2.5
+
+
 def _has_word(text: str, words: Iterable[str]) -> str | None:
     padded = f" {re.sub(r'[^a-z0-9 ]+', ' ', text)} "
     return next((w for w in words if f" {w} " in padded), None)
@@ -261,6 +274,12 @@ class Rules:
     compound_prefixes: frozenset[str] = frozenset()
     dangling: frozenset[str] = frozenset()
     min_count: int = 1
+    invisible: frozenset[str] = frozenset()
+    places: frozenset[str] = frozenset()
+    place_nouns: frozenset[str] = frozenset()
+    bad_patterns: tuple[str, ...] = ()
+    max_same_noun: int = 0  # 0: off; else at most this many accepted phrases share a head noun
+    noun_groups: tuple[frozenset[str], ...] = ()
 
 
 def rules_for(
@@ -273,7 +292,7 @@ def rules_for(
         concept=concept,
         form=form,
         examples=frozenset(near_key(e) for e in (entry.examples if entry else [])),
-        starts=frozenset(entry.starts if entry else []),
+        starts=frozenset(entry.starts if entry else []) | frozenset(per.get("extra_starts") or []),
         max_words=entry.max_words if entry else 5,
         hint_words=frozenset(near_key(entry.hint).split() if entry else []),
         classes=frozenset(classes),
@@ -287,11 +306,69 @@ def rules_for(
         compound_prefixes=frozenset(v.get("compound_prefixes") or []),
         dangling=frozenset(v.get("dangling") or []),
         min_count=int(per.get("min_count", 1)),
+        invisible=frozenset(v.get("invisible") or []) | frozenset(per.get("invisible") or []),
+        places=frozenset(v.get("places") or []),
+        place_nouns=frozenset(v.get("place_nouns") or []),
+        bad_patterns=tuple(v.get("bad_patterns") or []) + tuple(per.get("bad_patterns") or []),
+        max_same_noun=int(per.get("max_same_noun", v.get("max_same_noun", 0))),
+        noun_groups=tuple(frozenset(g) for g in (v.get("noun_groups") or [])),
     )
 
 
-def judge(item: str, rules: Rules) -> tuple[str, str | None]:
-    """(normalised text without placeholder, rejection reason or None) for one parsed item."""
+def for_form(rules: Rules, form: Form) -> Rules:
+    """The rules for a phrase in `form` when its concept's own form is the other one (an imported or
+    published template: "{} with a rough texture" under texture): the concept's first words and its
+    word limit are for its own form, so they are dropped (5 words at most)."""
+    if form == rules.form:
+        return rules
+    return replace(rules, form=form, starts=frozenset(), max_words=max(rules.max_words, 5))
+
+
+_OF_PREFIX_RE = re.compile(r"^(?:(?:a|an) )?(.+?)(?: (?:photo|image|picture|shot|version))? of$")
+
+
+def _proper_noun(item: str, text: str, rules: Rules) -> bool:
+    """A place or other name: a capitalised word after the first ("in the city of Zanzibar"), a known
+    place name, or "<place noun> of <word>" ("in the countryside of alaska")."""
+    raw = normalize_case(item).split()
+    if any(w[:1].isupper() and w.lower() not in ARTICLES | PREPOSITIONS for w in raw[1:]):
+        return True
+    words = text.split()
+    if _has_word(text, rules.places):
+        return True
+    for i, w in enumerate(words[:-2]):
+        if w in rules.place_nouns and words[i + 1] == "of" and words[i + 2] not in ARTICLES:
+            return True
+    return False
+
+
+def normalize_case(item: str) -> str:
+    """Like `normalize` but keeping the case (for the proper-noun rule)."""
+    s = " ".join(item.split()).strip(_QUOTES + " ")
+    return s.rstrip(".!?;:,").strip(_QUOTES + " ")
+
+
+def _names_concept(text: str, rules: Rules) -> bool:
+    """The phrase names a concept: another one anywhere, its own other than as the head of a described
+    noun ("with a rough texture", "low resolution" are fine; "in the background", "texture" are not)."""
+    words = re.sub(r"[^a-z0-9 ]+", " ", text).split()
+    for name in rules.concept_names:
+        n = name.split()
+        for i in range(len(words) - len(n) + 1):
+            if words[i : i + len(n)] == n:
+                before = words[i - 1] if i else None
+                if name != rules.concept or before is None or before in ARTICLES | PREPOSITIONS:
+                    return True  # another concept's name anywhere; its own only as a described noun
+    return False
+
+
+def judge(item: str, rules: Rules, form: Form | None = None) -> tuple[str, str | None]:
+    """(normalised text without placeholder, rejection reason or None) for one parsed item.
+
+    `form`: the phrase's own form when it differs from its concept's (see `for_form`).
+    """
+    if form is not None:
+        rules = for_form(rules, form)
     text = normalize(item)
     if not text:
         return text, EMPTY
@@ -306,27 +383,40 @@ def judge(item: str, rules: Rules) -> tuple[str, str | None]:
         if len(holes) != 1 or not names <= _CAPTION_NAMES:
             return text, PLACEHOLDER_COUNT
     text, words = bare, bare.split()
-    if len(words) > min(rules.max_words, MAX_DESCRIPTOR_WORDS) or len(text) > MAX_DESCRIPTOR_CHARS:
+    core = text
+    m = _OF_PREFIX_RE.match(text) if rules.form == "prefix" and len(words) > 1 else None
+    if m:  # the paper's "low resolution of {}", "a blurry photo of {}": judge the modifiers
+        core = m.group(1)
+        if (
+            len(core.split()) > min(rules.max_words + 1, MAX_DESCRIPTOR_WORDS)
+            or len(text) > MAX_DESCRIPTOR_CHARS
+        ):
+            return text, TOO_LONG
+    elif len(words) > min(rules.max_words, MAX_DESCRIPTOR_WORDS) or len(text) > MAX_DESCRIPTOR_CHARS:
         return text, TOO_LONG
-    if words[-1] in ARTICLES | PREPOSITIONS or words[-1].endswith("'"):
+    if not m and (words[-1] in ARTICLES | PREPOSITIONS or words[-1].endswith("'")):
         return text, INCOMPLETE
+    if _proper_noun(item, text, rules):
+        return text, PROPER_NOUN
+    if any(re.search(p, text) for p in rules.bad_patterns):
+        return text, UNGRAMMATICAL  # "in a sunny day"
     if near_key(text) in rules.examples or (
         rules.hint_words and set(near_key(text).split()) <= rules.hint_words
     ):
         return text, ECHO  # "one adjective" echoes the hint
     if len(text.replace(" ", "")) < 3:
         return text, NOT_PHRASE
-    if _has_word(text, rules.classes):
+    if _has_word(core, rules.classes):
         return text, NAMES_CLASS
-    if _has_word(text, rules.concept_names):
+    if _names_concept(core, rules):
         return text, NAMES_CONCEPT
     if rules.starts and words[0] not in rules.starts:
         return text, OFF_CONCEPT
-    if rules.form == "prefix" and words[0] in ARTICLES | PREPOSITIONS:
+    if rules.form == "prefix" and core.split()[0] in ARTICLES | PREPOSITIONS:
         return text, OFF_CONCEPT  # prefix descriptors are adjectives: "blurred", not "in blur"
     if rules.form == "suffix" and len(words) < 2:
         return text, OFF_CONCEPT  # a suffix needs a preposition and a noun: "in the snow"
-    return text, _vocabulary(text, rules)
+    return text, _vocabulary(core, rules)
 
 
 def _vocabulary(text: str, rules: Rules) -> str | None:
@@ -337,12 +427,18 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
         return INCOMPLETE  # "in a bright", "from a wide": the noun is missing
     if rules.min_zipf:
         for w in content:
+            if w in rules.adjectives:
+                continue  # listed by hand: "vignetted", "out-of-focus"
             if zipf(w) < rules.min_zipf or any(p and zipf(p) < rules.min_zipf for p in w.split("-")):
                 return UNKNOWN_WORD  # "overexl", "mountaintribe"
     if rules.form == "prefix" and rules.compound_prefixes:
         for w in content:
-            if "-" in w and w.split("-", 1)[0] not in rules.compound_prefixes:
+            if "-" in w and w not in rules.adjectives and w.split("-", 1)[0] not in rules.compound_prefixes:
                 return COINED  # "glossy-varnished"; "over-exposed" is fine
+    if rules.form == "prefix" and any(_coined_y(w, rules) for w in content):
+        return COINED  # "smoothy": an adjective with a -y glued on
+    if any(_matches(w, rules.invisible) for w in content):
+        return NOT_VISIBLE  # "in the heat", "tasty"
     if any(_matches(w, rules.vague) for w in content):
         return VAGUE  # "in a location", "in the scene"
     if any(_matches(w, rules.avoid) for w in content):
@@ -351,11 +447,27 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
         return OFF_CONCEPT  # "on the beach" under weather
     if rules.form == "prefix" and (rules.adjectives or rules.modifiers):
         *mods, head = text.split()
+        if head in rules.modifiers and head not in rules.adjectives:
+            return NOT_ADJECTIVE  # "very very": modifiers with nothing to modify
         if not _adjective_shaped(head, rules) or any(
             m not in rules.modifiers and not _adjective_shaped(m, rules) for m in mods
         ):
             return NOT_ADJECTIVE  # "silk", "glass", "overexposure"
     return None
+
+
+def head_noun(text: str, rules: Rules) -> str:
+    """The last content word, singular, mapped to its group ("towns" -> "city" with [city, town, ...])."""
+    words = content_words(text)
+    if not words:
+        return ""
+    w = words[-1]
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        w = w[:-1]
+    for group in rules.noun_groups:
+        if w in group:
+            return min(group)
+    return w
 
 
 @dataclass
@@ -395,6 +507,8 @@ class Collector:
             key = near_key(text) if reason is None else f"{reason}\x00{text}"
             if reason is None and key in self.existing:
                 reason = PREV_REJECTED if self.existing[key] == "rejected" else IN_BANK
+            if reason is None and key not in self.candidates and self._noun_is_full(text):
+                reason, key = SAME_NOUN, f"{SAME_NOUN}\x00{text}"  # the 8th "in a ... city"
             cand = self.candidates.get(key)
             if cand is None:
                 self.candidates[key] = Candidate(text, 1, reason, round_no, {text})
@@ -408,6 +522,17 @@ class Collector:
             else:
                 cand.variants.add(text)
                 self.occurrences[NEAR_DUPLICATE] += 1
+
+    def _noun_is_full(self, text: str) -> bool:
+        """Do `max_same_noun` accepted phrases already end in this phrase's head noun (or its group)?"""
+        limit = self.rules.max_same_noun
+        if not limit or self.rules.form != "suffix":
+            return False
+        noun = head_noun(text, self.rules)
+        same = sum(
+            1 for c in self.candidates.values() if c.accepted and head_noun(c.text, self.rules) == noun
+        )
+        return same >= limit
 
     def accepted(self) -> list[Candidate]:
         """Accepted candidates sampled at least min_count times, most frequent first."""

@@ -6,6 +6,11 @@ A bank holds concepts (background, texture, ...) and, per concept, descriptors. 
 template with exactly one `{caption}` placeholder: suffix form "{caption} in the mountains" turns
 "a photo of a dog." into "a photo of a dog in the mountains."; prefix form "blurred {caption}" turns it
 into "blurred a photo of a dog.". Every concept and descriptor has a review status and provenance.
+
+Caption styles (per concept, `caption_style`): "reference" (the default) is the StarFT paper's form
+above; "adjective" puts a prefix descriptor before the class name instead ("a photo of a blurred dog.").
+`inject(caption, template, classname, style)` is the one function that builds these captions, for
+descgen and the trainer alike.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ MAX_DESCRIPTOR_WORDS = 8
 
 Status = Literal["proposed", "approved", "rejected"]
 Form = Literal["prefix", "suffix"]
-Source = Literal["catalog", "llm", "manual", "discovered"]
+Source = Literal["catalog", "llm", "manual", "discovered", "imported"]
+CaptionStyle = Literal["reference", "adjective"]
+CAPTION_STYLES: tuple[str, ...] = ("reference", "adjective")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9 _-]{0,39}$")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -55,15 +62,36 @@ def make_template(text: str, form: Form) -> str:
     return f"{PLACEHOLDER} {text}" if form == "suffix" else f"{text} {PLACEHOLDER}"
 
 
-def inject(caption: str, template: str) -> str:
-    """Put a caption into a descriptor template.
+def inject(
+    caption: str, template: str, classname: str | None = None, style: CaptionStyle = "reference"
+) -> str:
+    """Put a caption into a descriptor template: the spurious caption the trainer trains on.
 
-    Suffix form: the caption loses its final period, the descriptor follows, a period closes it.
-    Prefix form: the descriptor goes before the caption, which is kept as it is.
+    Reference style (the StarFT paper's; the default): a suffix descriptor follows the caption, which
+    loses its final period ("a photo of a dog in the snow."); a prefix descriptor goes before the caption,
+    kept as it is ("crinkled a photo of a dog."). Adjective style: a prefix descriptor goes right before
+    the last whole-word `classname` in the caption, and an article "a"/"an" before it is fixed to fit
+    ("a photo of an old dog."); a suffix descriptor, or a caption without `classname`, falls back to the
+    reference style.
     """
     caption = caption.strip()
     if template.startswith(PLACEHOLDER):
         return template.replace(PLACEHOLDER, caption.rstrip(".").rstrip()) + "."
+    if style == "adjective" and classname:
+        words = template.replace(PLACEHOLDER, " ").split()
+        hits = list(
+            re.finditer(rf"(?<![\w-]){re.escape(classname.strip())}(?![\w-])", caption, re.IGNORECASE)
+        )
+        if words and hits:
+            at = hits[-1].start()
+            head, tail = caption[:at], caption[at:]
+            m = re.search(r"(?:^|(?<=\s))(a|an|A|An)\s+$", head)
+            if m:
+                article = "an" if words[0][0].lower() in "aeiou" else "a"
+                if m.group(1)[0].isupper():
+                    article = article.capitalize()
+                head = head[: m.start(1)] + article + " "
+            return f"{head}{' '.join(words)} {tail}"
     return template.replace(PLACEHOLDER, caption)
 
 
@@ -76,7 +104,10 @@ class ModelInfo(_Strict):
 
     id: str = Field(description="hub id or local path the model was loaded from")
     weights_file: str | None = Field(None, description="weights file name (e.g. the GGUF file)")
-    weights_sha256: str | None = Field(None, description="sha256 of the weights file")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the weights file; of the list of every file's sha256 when there are several"
+    )
+    base_url: str | None = Field(None, description="OpenAI-compatible server the model was served from")
 
 
 class PromptInfo(_Strict):
@@ -147,8 +178,12 @@ class Descriptor(_Strict):
         return " ".join(self.template.replace(PLACEHOLDER, " ").split())
 
     def apply(self, caption: str) -> str:
-        """The spurious caption: this descriptor injected into `caption`."""
+        """The spurious caption: this descriptor injected into `caption` (reference style)."""
         return inject(caption, self.template)
+
+    def caption(self, caption: str, classname: str | None = None, style: CaptionStyle = "reference") -> str:
+        """The spurious caption in the given style (see `inject`)."""
+        return inject(caption, self.template, classname, style)
 
 
 class Concept(_Strict):
@@ -164,6 +199,9 @@ class Concept(_Strict):
     provenance: str | None = None
     flag: str | None = Field(None, description="why a reviewer should look, e.g. 'not in catalog'")
     note: str | None = None
+    caption_style: CaptionStyle | None = Field(
+        None, description="how descriptors enter a caption: reference (default, the paper's) or adjective"
+    )
     descriptors: list[Descriptor] = Field(default_factory=list)
 
     @field_validator("name", mode="before")
@@ -195,6 +233,11 @@ class Concept(_Strict):
         if self.status == "rejected":
             return []
         return [d for d in self.descriptors if d.status == "approved"]
+
+    @property
+    def style(self) -> CaptionStyle:
+        """The caption style of this concept's descriptors ("reference" unless set)."""
+        return self.caption_style or "reference"
 
 
 class BankMeta(_Strict):
@@ -246,6 +289,15 @@ class Bank(_Strict):
         chosen = self.concepts if concepts is None else [self.concept(n) for n in concepts]
         return [d for c in chosen for d in c.approved()]
 
+    def approved_styled(self, concepts: list[str] | None = None) -> list[tuple[Descriptor, CaptionStyle]]:
+        """(descriptor, its concept's caption style) for the approved descriptors, as `approved` orders them.
+
+        The trainer draws from this and builds each caption with `inject(caption, d.template, classname,
+        style)`.
+        """
+        chosen = self.concepts if concepts is None else [self.concept(n) for n in concepts]
+        return [(d, c.style) for c in chosen for d in c.approved()]
+
     def compute_hash(self) -> str:
         return content_hash([c.model_dump(mode="json") for c in self.concepts])
 
@@ -257,5 +309,8 @@ class Bank(_Strict):
 def content_hash(concepts: list[dict[str, Any]]) -> str:
     """sha256 of the canonical JSON of a bank's concepts section (defaults filled in)."""
     canon = [Concept.model_validate(c).model_dump(mode="json") for c in concepts]
+    for c in canon:  # an unset caption style hashes as before the field existed: old banks keep their hash
+        if c.get("caption_style") is None:
+            c.pop("caption_style", None)
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

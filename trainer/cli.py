@@ -6,6 +6,7 @@ accelerate launch --num_processes 8 -m trainer.cli run --config configs/imagenet
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -49,11 +50,15 @@ def run(
         int | None, typer.Option("--max-steps", help="stop after N steps (resumable)")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads per process")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check everything, print the plan, write nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
 ) -> None:
-    """Fine-tune and evaluate; prints the run directory."""
+    """Fine-tune and evaluate; prints the run directory (with --dry-run: the plan)."""
+    if as_json and not dry_run:
+        raise typer.BadParameter("needs --dry-run", param_hint="--json")
     try:
-        from trainer.train import train
-
         cfg = load_config(
             config,
             set_,
@@ -64,6 +69,14 @@ def run(
             max_steps=max_steps,
             threads=threads,
         )
+        if dry_run:
+            from trainer.plan import make_plan, render_plan
+
+            plan = make_plan(cfg)
+            typer.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
+            return
+        from trainer.train import train
+
         run_dir = train(cfg, resume=resume)
     except USER_ERRORS as e:
         fail(str(e))
@@ -149,6 +162,64 @@ def discover(
     if res["bank"] is not None:
         err.print(f"bank: {res['bank']}", highlight=False)
     out.print(str(res["report_path"]), markup=False, highlight=False)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="finished run directories")],
+    checkpoint: Annotated[
+        str, typer.Option(help="final | best (the checkpoint chosen on ID validation)")
+    ] = "final",
+    ood: Annotated[
+        str | None, typer.Option(help="comma-separated OOD sets to average (default: every OOD set)")
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="also write the table as a PNG image")] = None,
+    md: Annotated[Path | None, typer.Option(help="also write the markdown to a file")] = None,
+) -> None:
+    """Runs as one table in the paper's form (ID, OOD sets, OOD avg, worst and average group); markdown."""
+    if checkpoint not in ("final", "best"):
+        raise typer.BadParameter("must be final or best", param_hint="--checkpoint")
+    try:
+        from trainer.report import collect, render_markdown, render_png
+
+        table = collect(runs, checkpoint, [s.strip() for s in ood.split(",")] if ood else None)
+    except USER_ERRORS as e:
+        fail(str(e))
+    text = render_markdown(table)
+    if md is not None:
+        md.write_text(text)
+    if png is not None:
+        err.print(f"table: {render_png(table, png)}", highlight=False)
+    typer.echo(text, nl=False)
+
+
+@app.command()
+def perf(
+    model: Annotated[str, typer.Option(help="open_clip architecture or model-config JSON")] = "ViT-B-16",
+    batch: Annotated[int, typer.Option(help="batch per step", min=2)] = 16,
+    steps: Annotated[int, typer.Option(help="measured rounds (one step of every row each)", min=1)] = 3,
+    warmup: Annotated[int, typer.Option(help="warm-up rounds", min=0)] = 1,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads", min=1)] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader workers for the loader measurement", min=0)] = 2,
+    loader_images: Annotated[int, typer.Option(help="synthetic JPEGs the loader is timed on", min=2)] = 64,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Step time and peak memory of flyp and starft (reference and optimised), side by side; random init."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+    try:
+        from trainer.perf import measure, render, write_report
+
+        report = measure(
+            model, batch, steps, warmup, threads, device, loader_workers=workers, loader_images=loader_images,
+            log=lambda line: err.print(line, markup=False, highlight=False),
+        )  # fmt: skip
+    except USER_ERRORS as e:
+        fail(str(e))
+    if json_out is not None:
+        write_report(report, json_out)
+    typer.echo(render(report))
 
 
 if __name__ == "__main__":

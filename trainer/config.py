@@ -22,8 +22,17 @@ from ruamel.yaml.error import YAMLError
 from trainer.errors import ConfigError
 
 Method = Literal["zeroshot", "ft", "flyp", "starft", "kl", "ravl"]
+Layout = Literal[
+    "csv", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
+    "objectnet", "waterbirds", "pacs", "webdataset",
+]  # fmt: skip
 # Keys that may differ between an interrupted run and its --resume (they do not change the result).
-RUNTIME_KEYS = ("max_steps", "threads", "num_workers", "progress", "runs_dir")
+RUNTIME_KEYS = (
+    "max_steps", "threads", "num_workers", "progress", "runs_dir", "log_with",
+    "pin_memory", "persistent_workers", "prefetch_factor", "teacher_cache", "compile", "grad_checkpointing",
+)  # fmt: skip
+# What to do on a fault: runtime keys too (a run stopped by one may be resumed with another choice).
+FAULT_KEYS = ("nonfinite", "nonfinite_limit", "on_bad_image")
 
 
 class _Strict(BaseModel):
@@ -44,9 +53,25 @@ class DataSpec(_Strict):
     group_prompts: str | list[str] | None = Field(
         None, description="e.g. 'a photo of a {c} in the {g}.': class head averaged over every group name"
     )
-    group_by: Literal["class_group", "group"] = Field(
-        "class_group",
-        description="accuracy groups: (class, group) pairs, Waterbirds-style, or the group column",
+    group_by: Literal["class_group", "group"] | None = Field(
+        None,
+        description="accuracy groups: (class, group) pairs, Waterbirds-style, or the group column; "
+        "default: group for pacs, else class_group",
+    )
+    layout: Layout | None = Field(
+        None, description="how the set is laid out on disk (as published); default: csv or imagefolder"
+    )
+    split: str | None = Field(None, description="waterbirds: train | val | test (its metadata's split)")
+    labels: str | None = Field(
+        None, description="imagenet val as flat files: the label file (LOC_val_solution.csv or 'file wnid')"
+    )
+    class_subset: str | list[str | int] | None = Field(
+        None,
+        description="this set's classes as training classes (names, folder ids or indices; or a file): "
+        "scored by projecting the training-class logits onto them",
+    )
+    num_samples: int | None = Field(
+        None, gt=0, description="webdataset: samples in the shards; default: sizes.json, else counted"
     )
 
 
@@ -69,6 +94,11 @@ class TrainConfig(_Strict):
     # --- data and captions ---
     data: DataConfig = Field(default_factory=DataConfig)
     caption: str = Field("a photo of a {c}.", description="training caption template")
+    train_transform: Literal["train", "eval"] = Field(
+        "train",
+        description="train: open_clip's training augmentation (RandomResizedCrop 0.9-1.0, the paper's); "
+        "eval: the deterministic evaluation preprocess",
+    )
     templates: str | list[str] = Field(
         "openai", description="zero-shot eval templates: openai | simple | file"
     )
@@ -116,7 +146,16 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, gt=0, description="evaluate (and pick best) every N epochs and at the end")
     eval_batch_size: int = Field(256, gt=0, description="global")
     log_every: int = Field(10, gt=0, description="steps between console/JSONL step logs")
-    checkpoint_every: int | None = Field(None, gt=0, description="save resumable state every N steps")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="save resumable state every N steps (and always at each epoch's end)"
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop (keep the last save) or skip the step"
+    )
+    nonfinite_limit: int = Field(10, gt=0, description="nonfinite: skip stops after N skipped steps in a row")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="an unreadable training image: stop, or skip it (a readable one in its place)"
+    )
     # --- runtime knobs (RUNTIME_KEYS) ---
     runs_dir: str = "runs"
     max_steps: int | None = Field(
@@ -124,7 +163,26 @@ class TrainConfig(_Strict):
     )
     threads: int | None = Field(None, gt=0, description="torch threads per process; default min(4, cores)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers per process")
+    pin_memory: bool | None = Field(None, description="page-locked loader batches; null = on a CUDA GPU")
+    persistent_workers: bool = Field(
+        True, description="keep the loader's workers between epochs (with num_workers > 0)"
+    )
+    prefetch_factor: int | None = Field(
+        None, gt=0, description="batches each worker loads ahead (with num_workers > 0); null = torch's 2"
+    )
+    teacher_cache: bool = Field(
+        True,
+        description="starft/kl: each spurious caption's teacher features computed once a run; with "
+        "train_transform: eval, each image's too (exact)",
+    )
+    compile: bool = Field(False, description="torch.compile the model being trained")
+    grad_checkpointing: bool = Field(
+        False, description="open_clip's gradient checkpointing: less activation memory, more compute"
+    )
     progress: bool = True
+    log_with: str | list[str] | None = Field(
+        None, description="trackers accelerate supports (tensorboard, wandb, mlflow, ...); none by default"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -140,9 +198,21 @@ class TrainConfig(_Strict):
             raise ValueError(f"caption {self.caption!r} must contain {{c}}")
         return self
 
+    def loader_options(self, cuda: bool) -> dict[str, Any]:
+        """The training DataLoader's worker and memory options (DataLoader keyword arguments)."""
+        out: dict[str, Any] = {"num_workers": self.num_workers}
+        out["pin_memory"] = cuda if self.pin_memory is None else self.pin_memory
+        if self.num_workers > 0:
+            out["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                out["prefetch_factor"] = self.prefetch_factor
+        return out
+
     def hparams(self) -> dict[str, Any]:
         """The config without runtime knobs: what a resumed run must share."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
+        return {
+            k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS + FAULT_KEYS
+        }
 
     def hash(self) -> str:
         blob = json.dumps(self.hparams(), sort_keys=True, separators=(",", ":"))

@@ -25,6 +25,14 @@ class RunDirError(TrainerError):
     """A run directory exists (without --resume) or cannot be resumed."""
 
 
+class NonFiniteError(TrainerError):
+    """A loss, a gradient norm or a weight to be saved is NaN or infinite."""
+
+
+class WriteError(TrainerError):
+    """A run's file cannot be written (permission, full disk, ...); earlier files are left intact."""
+
+
 def fail(message: str) -> NoReturn:
     """The CLIs' way out: `Error: <message>` as one line on stderr (whitespace folded), exit code 1."""
     Console(stderr=True, soft_wrap=True).print(

@@ -4,6 +4,9 @@
 
 For a set with groups: per-group accuracy, the worst group, the mean of the worst 3, and the mean over
 groups. Group keys are 'class/group' (Waterbirds-style) or the raw group column (`group_by: group`).
+A set whose classes map onto the training classes (`ImageSet.class_map`: ImageNet-R/-A's 200 of 1000,
+ObjectNet's 113) is scored by projecting the training-class logits onto its classes (the max over the
+training classes each of its classes maps to), for a trained head and for the zero-shot text head alike.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer.data import Collate, ImageDataset, ImageSet, head_templates
+
+Classifier = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -61,6 +66,30 @@ def accuracy_metrics(
     return out
 
 
+def project_logits(logits: torch.Tensor, class_map: list[list[int]]) -> torch.Tensor:
+    """(N, B) logits over the training classes -> (N, C): per class, the max over the classes it maps to."""
+    width = max(len(m) for m in class_map)
+    index = torch.tensor([m + [m[0]] * (width - len(m)) for m in class_map], device=logits.device)  # (C, K)
+    return logits[:, index].amax(dim=-1)
+
+
+def projected(classifier: Classifier, class_map: list[list[int]]) -> Classifier:
+    """A classifier over the training classes, projected onto a set's classes."""
+    return lambda f: project_logits(classifier(f), class_map)
+
+
+class CropBorder:
+    """Crop `pixels` off every side of a PIL image, then apply `transform` (picklable for workers)."""
+
+    def __init__(self, pixels: int, transform: Callable):
+        self.pixels, self.transform = pixels, transform
+
+    def __call__(self, image):
+        w, h = image.size
+        p = self.pixels
+        return self.transform(image.crop((p, p, w - p, h - p)) if w > 2 * p and h > 2 * p else image)
+
+
 @dataclass
 class EvalSet:
     """A set ready to evaluate: its data, its (prepared) loader, and optionally a trained head for it."""
@@ -74,8 +103,9 @@ def make_eval_sets(
 ):
     out = []
     for s in sets:
+        transform = CropBorder(s.crop_border, preprocess) if s.crop_border else preprocess
         loader = DataLoader(
-            ImageDataset(s, preprocess),
+            ImageDataset(s, transform),
             batch_size=batch_size,
             shuffle=False,
             collate_fn=Collate(),
@@ -95,7 +125,13 @@ def evaluate_set(
 ) -> dict[str, Any]:
     """Top-1 of `clip` on one set; `classifier` maps normalised image features to logits (default: zero-shot)."""
     s = es.image_set
-    if classifier is None:
+    if classifier is None and s.class_map is not None and s.base_classes is not None:
+        # the zero-shot head over the training classes this set maps to, projected onto its classes
+        used = sorted({i for m in s.class_map for i in m})
+        pos = {i: k for k, i in enumerate(used)}
+        head = zero_shot_head(clip, tokenizer, [s.base_classes[i] for i in used], head_templates(s))
+        classifier = projected(lambda f: f.float() @ head.T, [[pos[i] for i in m] for m in s.class_map])
+    elif classifier is None:
         head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
         classifier = lambda f: f.float() @ head.T
     was_training = clip.training
@@ -126,11 +162,14 @@ def evaluate_sets(
     head: nn.Module | None = None,
     head_classes: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per set name. A trained `head` (method ft) serves sets whose classes are `head_classes`."""
+    """Metrics per set name. A trained `head` (method ft) serves sets whose classes are `head_classes`,
+    and, projected, sets whose classes map onto them (`class_map`)."""
     out = {}
     for es in sets:
-        classifier = None
-        if head is not None and es.image_set.classes == head_classes:
+        s, classifier = es.image_set, None
+        if head is not None and s.class_map is not None and s.base_classes == head_classes:
+            classifier = projected(head, s.class_map)
+        elif head is not None and s.classes == head_classes:
             classifier = head  # argmax of the head's logits; its scale does not change the ranking
         out[es.image_set.name] = evaluate_set(clip, tokenizer, es, accelerator, classifier)
     return out

@@ -3,7 +3,9 @@
     from trainer.inputs import load_inputs; inputs = load_inputs(cfg)   # raises TrainerError, one line
 
 The bank's provenance (path, version, file sha256, content hash, the descriptor ids drawn from) is what
-run.json records, so a run names exactly the descriptors it trained with.
+run.json records, so a run names exactly the descriptors it trained with. The bank is checked first, so a
+bad bank fails in seconds, before a scan of a large set. With `index_dir` (a run's `index/`), each set is
+listed once by the main process and read by the others (trainer.data.index).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from typing import Any
 
 from descgen.bank import file_sha256, load_bank
 from descgen.errors import DescgenError
-from trainer.config import TrainConfig
+from trainer.config import DataSpec, TrainConfig
 from trainer.data import ImageSet, SpuriousCaptions, load_image_set, read_lines
-from trainer.errors import ConfigError
+from trainer.data.index import indexed_listings
+from trainer.data.sets import Listing, default_set_name, resolve_class_map, scan_set
+from trainer.data.stream import load_shard_set
+from trainer.errors import ConfigError, DataError
 from trainer.methods import MethodSpec, get_method
 
 
@@ -58,14 +63,43 @@ def load_bank_descriptors(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
     return descriptors, info
 
 
-def load_inputs(cfg: TrainConfig) -> Inputs:
-    """Method, datasets and bank, all validated (raises TrainerError with a one-line message)."""
+def load_sets(cfg: TrainConfig, index_dir: Path | None = None) -> list[ImageSet]:
+    """The train (if any), val (if any) and eval sets, in that order, loaded and their class maps resolved."""
+    specs: list[DataSpec] = [s for s in (cfg.data.train, cfg.data.val) if s is not None] + list(cfg.data.eval)
+    for spec in specs[1:] if cfg.data.train is not None else specs:
+        if spec.layout == "webdataset":
+            raise DataError(f"{spec.path}: a webdataset is streamed for training; evaluation sets are listed")
+    stream = None
+    if cfg.data.train is not None and cfg.data.train.layout == "webdataset":
+        stream = load_shard_set(cfg.data.train, cfg.templates, default_set_name(cfg.data.train))
+        specs = specs[1:]
+    has_train = cfg.data.train is not None
+
+    def scan(i: int, done: list[Listing]) -> Listing:
+        if stream is not None:
+            return scan_set(specs[i], stream.classes)
+        default_classes = done[0].classes if has_train and i > 0 else None
+        return scan_set(specs[i], default_classes)
+
+    if index_dir is None:
+        listings: list[Listing] = []
+        for i in range(len(specs)):
+            listings.append(scan(i, listings))
+    else:
+        listings = indexed_listings(specs, index_dir, scan)
+    sets = [load_image_set(spec, cfg.templates, listing=ls) for spec, ls in zip(specs, listings)]
+    if stream is not None:
+        specs, sets = [cfg.data.train, *specs], [stream, *sets]
+    base = sets[0] if sets and (has_train or cfg.data.val is not None) else None
+    for spec, s in zip(specs, sets):
+        resolve_class_map(s, None if s is base else base, spec.class_subset)
+    return sets
+
+
+def load_inputs(cfg: TrainConfig, index_dir: Path | None = None) -> Inputs:
+    """Method, bank and datasets, all validated (raises TrainerError with a one-line message)."""
     method = get_method(cfg.method)
-    train = load_image_set(cfg.data.train, cfg.templates) if cfg.data.train else None
-    base_classes = train.classes if train else None
-    val = load_image_set(cfg.data.val, cfg.templates, base_classes) if cfg.data.val else None
-    evals = [load_image_set(spec, cfg.templates, base_classes) for spec in cfg.data.eval]
-    names = [s.name for s in ([val] if val else []) + evals]
+    names = [default_set_name(s) for s in ([cfg.data.val] if cfg.data.val else []) + list(cfg.data.eval)]
     if len(set(names)) != len(names):
         raise ConfigError(f"evaluation sets need distinct names (have {names}); set `name:` on each")
     if method.objective == "none" and not names:
@@ -77,7 +111,10 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
             descriptors, bank_info = load_bank_descriptors(cfg)
         words = read_lines(cfg.random_words, "word-list") if cfg.random_words else ()
         spurious = SpuriousCaptions(cfg.spurious, cfg.seed, descriptors, words)
-    return Inputs(method, train, val, evals, spurious, bank_info)
+    sets = load_sets(cfg, index_dir)
+    train = sets.pop(0) if cfg.data.train is not None else None
+    val = sets.pop(0) if cfg.data.val is not None else None
+    return Inputs(method, train, val, sets, spurious, bank_info)
 
 
 def default_run_name(cfg: TrainConfig) -> str:

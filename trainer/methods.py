@@ -26,11 +26,15 @@ ForwardExtra = Callable[[torch.nn.Module, torch.Tensor], dict[str, torch.Tensor]
 
 @dataclass
 class StepContext:
-    """What an extra loss term sees: features of the global batch (gathered across processes)."""
+    """What an extra loss term sees: the global batch (every micro-batch of the step, every process).
+
+    `batch` holds its per-sample data (label, index, a method's sample extras) and `out` the student's
+    per-sample features (image, caption, spurious, a method's extra outputs), gathered by trainer.step.
+    """
 
     cfg: TrainConfig
-    batch: dict[str, torch.Tensor]  # this process's micro-batch
-    out: dict[str, Any]  # the student's forward outputs (local)
+    batch: dict[str, torch.Tensor]  # (N, ...) per-sample data of the global batch
+    out: dict[str, Any]  # (N·k, D) student features of the global batch, with gradient
     image: torch.Tensor  # (N, D) student image features, global batch, with gradient
     labels: torch.Tensor  # (N,)
     spurious: torch.Tensor | None = None  # (N, D) student spurious-caption features

@@ -4,6 +4,9 @@
 
 `pretrained` is an open_clip tag (downloads; users with a network), a local .safetensors file, or a
 .pt/.bin checkpoint read with torch.load(weights_only=True). Nothing runs remote code.
+
+`encode_text` runs a CLIP text tower on the batch's longest caption instead of the whole context where
+that is exact (see `trims_text`); every text forward of training (student and teacher) goes through it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.factory import load_checkpoint
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from trainer.errors import ConfigError
@@ -72,18 +78,69 @@ def build_clip(model: str, pretrained: str | None) -> tuple[nn.Module, Callable,
     return clip, preprocess, open_clip.get_tokenizer(name)
 
 
+def trims_text(clip: nn.Module) -> bool:
+    """Whether `clip`'s text tower gives the same features on captions cut after their end-of-text token.
+
+    True for open_clip's CLIP text tower with a causal mask and end-of-text pooling (argmax or eos): the
+    pooled position sees only the tokens before it, so the padding after the batch's longest caption never
+    reaches a feature (nor a gradient). Any other tower (no causal mask, first/last/mean pooling, a custom
+    text model) runs on the full context."""
+    return (
+        isinstance(clip, open_clip.CLIP)
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
+    )
+
+
+def text_length(clip: nn.Module, text: torch.Tensor) -> int:
+    """Tokens the batch needs: one past the furthest pooled (end-of-text) position."""
+    if clip.text_pool_type == "argmax":
+        pooled = text.argmax(dim=-1)
+    else:
+        pooled = (text == clip.text_eos_id).int().argmax(dim=-1)
+    return int(pooled.max()) + 1 if text.shape[0] else text.shape[1]
+
+
+def encode_text(
+    clip: nn.Module, text: torch.Tensor, normalize: bool = False, trim: bool = True
+) -> torch.Tensor:
+    """open_clip's `clip.encode_text(text)`, on the batch's longest caption where that is exact.
+
+    With `trim` and a tower `trims_text` accepts, the tokens, positional embedding and causal mask are cut
+    to `text_length` positions (captions are ~10-20 tokens of a 77-token context); otherwise, or when
+    nothing would be cut, open_clip's own path runs."""
+    if not (trim and trims_text(clip)):
+        return clip.encode_text(text, normalize=normalize)
+    n = text_length(clip, text)
+    if n >= text.shape[1]:
+        return clip.encode_text(text, normalize=normalize)
+    text = text[:, :n]
+    dtype = clip.transformer.get_cast_dtype()
+    h = clip.token_embedding(text).to(dtype) + clip.positional_embedding[:n].to(dtype)
+    h = clip.ln_final(clip.transformer(h, attn_mask=clip.attn_mask[:n, :n]))
+    h = text_global_pool(h, text, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+    proj = clip.text_projection
+    if proj is not None:
+        h = proj(h) if isinstance(proj, nn.Linear) else h @ proj
+    return F.normalize(h, dim=-1) if normalize else h
+
+
 class FineTuner(nn.Module):
     """What the optimizer trains. One forward does everything a step needs, so DDP sees every use.
 
     Contrastive methods: forward(image, text) -> image and text features (text may stack captions and
-    spurious captions). `ft`: a linear head on the image features; the text tower is not trained.
+    spurious captions). `ft`: a linear head on the normalised image features; the text tower is not trained.
+    The head is the reference's (WiSE-FT's ClassificationHead): its weights start as the zero-shot class
+    embeddings times the model's logit scale, so the scale is part of the weights AdamW moves.
+    `trim_text`: run the text tower on the batch's longest caption where exact (`encode_text`).
     """
 
-    def __init__(self, clip: nn.Module, head: torch.Tensor | None = None):
+    def __init__(self, clip: nn.Module, head: torch.Tensor | None = None, trim_text: bool = True):
         super().__init__()
         self.clip = clip
+        self.trim_text = trim_text
         self.head: nn.Linear | None = None
-        if head is not None:  # (C, D) zero-shot class embeddings
+        if head is not None:  # (C, D) zero-shot class embeddings times the logit scale
             self.head = nn.Linear(head.shape[1], head.shape[0], bias=True)
             with torch.no_grad():
                 self.head.weight.copy_(head)
@@ -101,12 +158,17 @@ class FineTuner(nn.Module):
         if extra is not None:
             out.update(extra(self.clip, image))
         if self.head is not None:
-            # The zero-shot head scores normalised features at the model's scale; keep that parameterisation.
-            out["logits"] = self.clip.logit_scale.exp().detach() * self.head(out["image"])
+            out["logits"] = self.head(out["image"])
         if text is not None:
-            out["text"] = self.clip.encode_text(text, normalize=True)
+            out["text"] = encode_text(self.clip, text, normalize=True, trim=self.trim_text)
         out["logit_scale"] = self.clip.logit_scale.exp()
         return out
+
+
+def train_transform(clip: nn.Module) -> Callable:
+    """open_clip's training transform for this model (RandomResizedCrop, scale (0.9, 1.0)), as FLYP and the
+    StarFT reference train with; `build_clip` returns the evaluation transform."""
+    return image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=True)
 
 
 def make_teacher(clip: nn.Module) -> nn.Module:

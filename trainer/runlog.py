@@ -8,7 +8,11 @@ Only the main process writes; every helper here is silent on the others.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,51 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from trainer import __version__
+from trainer.errors import WriteError
+
+FAULT_ENV = "TRAINER_FAULT_KILL"  # tests only: "phase:n" kills the process the n-th time `phase` is reached
+_reached: dict[str, int] = {}
+
+
+def fault_point(phase: str) -> None:
+    """Tests only: SIGKILL this process when $TRAINER_FAULT_KILL is `phase:n` and this is its n-th time."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.partition(":")[0] != phase:
+        return
+    _reached[phase] = _reached.get(phase, 0) + 1
+    if _reached[phase] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device' (its errno's words), or the error's text."""
+    return e.strerror or str(e) or e.__class__.__name__
+
+
+@contextmanager
+def writing(path: Path, what: str = "cannot write") -> Iterator[None]:
+    """An OSError inside becomes a one-line WriteError naming `path` (or the file the error names)."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"{e.filename or path}: {what} ({describe_os_error(e)})") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader (or a kill) never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def versions() -> dict[str, str]:
@@ -63,16 +105,29 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            line = json.dumps(row) + "\n"
+            with writing(self.path), self.path.open("a") as f:
+                if os.environ.get(FAULT_ENV, "").startswith("torn:"):  # tests: a kill mid-line
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    fault_point("torn")
+                    line = line[len(line) // 2 :]
+                f.write(line)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the saved state (they will be logged again)."""
+        """On resume, drop rows logged after the saved state (they will be logged again) and a torn last
+        line (a kill while it was written); the file is replaced whole."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line: its row is logged again
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
 
 class Progress:

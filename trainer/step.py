@@ -1,14 +1,19 @@
-"""One training step's loss terms: features of the global batch, the method's objective and extra term.
+"""One optimizer step's loss terms and gradients: the global batch's features, the method's objective and
+extra term, and exact gradient accumulation.
 
     from trainer.step import compute_losses; terms = compute_losses(model, batch, spec, cfg, acc, teacher, s, lam)
 
-`compute_losses` runs the student's one forward, gathers features across processes with gradient (as
-open_clip's ClipLoss does), takes the frozen teacher's features, and calls the pure loss functions of
-trainer.losses. It returns the named terms (contrastive_loss, reg_loss, loss, and a method's extras).
+`compute_losses` runs the student's one forward on a micro-batch, gathers features across processes with
+gradient (as open_clip's ClipLoss does), takes the frozen teacher's features, and calls the pure loss
+functions of trainer.losses. `backward_step` does that for the K micro-batches of one optimizer step so
+that the gradient is the full batch's (open_clip's `accum_freq`): every micro-batch is embedded once
+without gradient, then each is embedded again with gradient and the loss is taken against the whole
+accumulated batch. The global batch is ordered micro-batch-major, then process-major.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -18,19 +23,93 @@ import torch.nn.functional as F
 from trainer.config import TrainConfig
 from trainer.losses import clip_loss
 from trainer.methods import MethodSpec, StepContext
+from trainer.model import encode_text
+
+Tensors = dict[str, torch.Tensor]
+_TOKENS = ("image", "caption", "spurious")  # batch inputs that are not per-sample data a loss reads
 
 
 class TeacherFeatures:
-    """Frozen zero-shot features of a micro-batch. One seam, so a cache keyed by `index` can replace it."""
+    """Frozen zero-shot features of a micro-batch (image, spurious caption), l2-normalised.
 
-    def __init__(self, teacher: torch.nn.Module):
+    The seam every teacher feature goes through, with two caches (both exact):
+    - text: the teacher's spurious-caption features depend only on the caption, so each distinct token row
+      is encoded once per run (`cache_text`), on the batch's longest caption (`trim`, trainer.model).
+    - image: with a deterministic train transform (`train_transform: eval`) a sample's image is the same
+      every epoch, so `num_samples` turns on a per-sample table keyed by `batch["index"]` (kept on the CPU,
+      (num_samples, D)); once every sample is in it the teacher's image tower is released. Without it
+      (augmentation), the image forward runs under inference mode in the training precision.
+    All flags off is the reference's teacher: the full forward of both towers at every step.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        num_samples: int | None = None,
+        cache_text: bool = True,
+        trim: bool = True,
+        inference: bool = True,
+    ):
         self.teacher = teacher
+        self.num_samples, self.trim, self.inference = num_samples, trim, inference
+        self.text_cache: dict[bytes, torch.Tensor] | None = {} if cache_text else None
+        self.images: torch.Tensor | None = None  # (num_samples, D) on the CPU, filled as samples come
+        self.have: torch.Tensor | None = None  # (num_samples,) bool
+        self.counts = {"image_computed": 0, "image_cached": 0, "text_computed": 0, "text_cached": 0}
 
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.teacher.encode_image(batch["image"], normalize=True)
-        text = self.teacher.encode_text(batch["spurious"], normalize=True)
+    def __call__(self, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = torch.inference_mode() if self.inference else torch.no_grad()
+        with mode:
+            image = self.image_features(batch["image"], batch.get("index"))
+            text = self.text_features(batch["spurious"])
+        if self.inference:  # inference tensors may not enter autograd's bookkeeping later: plain copies
+            image, text = image.clone(), text.clone()
         return image, text
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return encode_text(self.teacher, tokens, normalize=True, trim=self.trim)
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, D) teacher features of the token rows; each distinct row encoded once per run when cached."""
+        if self.text_cache is None:
+            return self._encode_text(tokens)
+        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.text_cache))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            rows = tokens[[first[k] for k in missing]]
+            for key, feat in zip(missing, self._encode_text(rows)):
+                self.text_cache[key] = feat
+        self.counts["text_computed"] += len(missing)
+        self.counts["text_cached"] += len(keys) - len(missing)
+        return torch.stack([self.text_cache[k] for k in keys])
+
+    def image_features(self, images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """(b, D) teacher image features; from the per-sample table where the sample is in it."""
+        if self.num_samples is None or index is None:
+            self.counts["image_computed"] += images.shape[0]
+            return self.teacher.encode_image(images, normalize=True)
+        idx = index.cpu()
+        if self.have is None:
+            self.have = torch.zeros(self.num_samples, dtype=torch.bool)
+        new = ~self.have[idx]
+        if bool(new.any()):
+            feats = self.teacher.encode_image(images[new.to(images.device)], normalize=True)
+            if self.images is None:
+                self.images = torch.zeros(self.num_samples, feats.shape[1], dtype=feats.dtype)
+            self.images[idx[new]] = feats.to("cpu", self.images.dtype)
+            self.have[idx[new]] = True
+            if bool(self.have.all()):  # every sample cached: the image tower never runs again
+                self.teacher.visual = None
+        self.counts["image_computed"] += int(new.sum())
+        self.counts["image_cached"] += int((~new).sum())
+        return self.images[idx].to(images.device, non_blocking=True)
+
+    def cache_bytes(self) -> int:
+        """Memory the caches hold."""
+        text = sum(t.numel() * t.element_size() for t in (self.text_cache or {}).values())
+        table = 0 if self.images is None else self.images.numel() * self.images.element_size()
+        return text + table + (0 if self.have is None else self.have.numel())
 
 
 def gather_with_grad(accelerator, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -40,9 +119,95 @@ def gather_with_grad(accelerator, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(torch.distributed.nn.all_gather(t.contiguous()), dim=0) for t in tensors]
 
 
+def _gather(accelerator, tensors: Tensors, with_grad: bool) -> Tensors:
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensors
+    if with_grad:
+        return dict(zip(tensors, gather_with_grad(accelerator, *tensors.values())))
+    return {k: accelerator.gather(v.contiguous()) for k, v in tensors.items()}
+
+
+def student_features(model, batch: Tensors, method: MethodSpec, state: dict[str, Any]) -> tuple[Tensors, Any]:
+    """The student's one forward on a micro-batch: per-sample features (local) and the logit scale.
+
+    Features: image, caption, spurious (methods that need it) and a method's extra floating-point outputs
+    (e.g. RaVL's region embeddings, sample-major), each (b·k, D) for this process's b samples."""
+    n = batch["caption"].shape[0]
+    text = torch.cat([batch["caption"], batch["spurious"]]) if method.needs_spurious else batch["caption"]
+    extra = method.forward_extra(batch, state) if method.forward_extra else None
+    out = model(batch["image"], text, extra=extra)
+    feats = {"image": out["image"], "caption": out["text"][:n]}
+    if method.needs_spurious:
+        feats["spurious"] = out["text"][n:]
+    for key, value in out.items():
+        if key not in ("image", "text", "logit_scale", "logits") and torch.is_floating_point(value):
+            feats[key] = value
+    return feats, out["logit_scale"]
+
+
+def _batch_data(batch: Tensors) -> Tensors:
+    """The per-sample data a loss may read (labels, indices, a method's extras), without the inputs."""
+    return {k: v for k, v in batch.items() if k not in _TOKENS and torch.is_tensor(v)}
+
+
+def _teacher(teacher: TeacherFeatures | None, batch: Tensors, method: MethodSpec, accelerator) -> Tensors:
+    if not (method.needs_teacher and teacher is not None):
+        return {}
+    with accelerator.autocast():
+        t_image, t_spurious = teacher(batch)
+    return _gather(accelerator, {"image": t_image, "spurious": t_spurious}, with_grad=False)
+
+
+def loss_terms(
+    method: MethodSpec,
+    cfg: TrainConfig,
+    feats: Tensors,
+    logit_scale,
+    data: Tensors,
+    teacher: Tensors,
+    kl_scale: float,
+    lam: float,
+    step: int = 0,
+    epoch: int = 0,
+    state: dict[str, Any] | None = None,
+    accelerator=None,
+) -> Tensors:
+    """The named loss terms of the global batch, from its features (student's with gradient)."""
+    labels = data["label"]
+    lc = clip_loss(
+        feats["image"], feats["caption"], logit_scale, labels if cfg.positives == "label" else None
+    )
+    if method.reg_term is None:
+        return {"contrastive_loss": lc, "reg_loss": lc.detach() * 0, "loss": lc}
+    ctx = StepContext(
+        cfg,
+        data,
+        feats,
+        feats["image"],
+        labels,
+        spurious=feats.get("spurious"),
+        teacher_image=teacher.get("image"),
+        teacher_spurious=teacher.get("spurious"),
+        kl_scale=kl_scale,
+        step=step,
+        epoch=epoch,
+        accelerator=accelerator,
+        state=state or {},
+    )
+    reg = method.reg_term(ctx)
+    loss = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
+    return {"contrastive_loss": lc, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
+
+
+def _ce_terms(model, batch: Tensors) -> Tensors:
+    out = model(batch["image"])
+    ce = F.cross_entropy(out["logits"].float(), batch["label"])
+    return {"contrastive_loss": ce, "reg_loss": ce.detach() * 0, "loss": ce}
+
+
 def compute_losses(
     model,
-    batch: dict[str, torch.Tensor],
+    batch: Tensors,
     method: MethodSpec,
     cfg: TrainConfig,
     accelerator,
@@ -52,44 +217,75 @@ def compute_losses(
     step: int = 0,
     epoch: int = 0,
     state: dict[str, Any] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Tensors:
     """One micro-batch's loss terms over the global batch: contrastive_loss, reg_loss, loss (+ the
     method's extra logged terms)."""
     state = state or {}
     if method.objective == "ce":
-        out = model(batch["image"])
-        ce = F.cross_entropy(out["logits"].float(), batch["label"])
-        return {"contrastive_loss": ce, "reg_loss": ce.detach() * 0, "loss": ce}
-    n = batch["caption"].shape[0]
-    text = torch.cat([batch["caption"], batch["spurious"]]) if method.needs_spurious else batch["caption"]
-    extra = method.forward_extra(batch, state) if method.forward_extra else None
-    out = model(batch["image"], text, extra=extra)
-    image, caption = out["image"], out["text"][:n]
-    g_image, g_caption = gather_with_grad(accelerator, image, caption)
-    labels = accelerator.gather(batch["label"]) if accelerator.num_processes > 1 else batch["label"]
-    lc = clip_loss(g_image, g_caption, out["logit_scale"], labels if cfg.positives == "label" else None)
-    if method.reg_term is None:
-        return {"contrastive_loss": lc, "reg_loss": lc.detach() * 0, "loss": lc}
-    ctx = StepContext(
-        cfg,
-        batch,
-        out,
-        g_image,
-        labels,
-        kl_scale=kl_scale,
-        step=step,
-        epoch=epoch,
-        accelerator=accelerator,
-        state=state,
-    )
-    if method.needs_spurious:
-        (ctx.spurious,) = gather_with_grad(accelerator, out["text"][n:])
-    if method.needs_teacher and teacher is not None:
-        with accelerator.autocast():
-            t_image, t_spurious = teacher(batch)
-        if accelerator.num_processes > 1:
-            t_image, t_spurious = accelerator.gather(t_image), accelerator.gather(t_spurious)
-        ctx.teacher_image, ctx.teacher_spurious = t_image, t_spurious
-    reg = method.reg_term(ctx)
-    loss = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
-    return {"contrastive_loss": lc, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
+        return _ce_terms(model, batch)
+    feats, scale = student_features(model, batch, method, state)
+    feats = _gather(accelerator, feats, with_grad=True)
+    data = _gather(accelerator, _batch_data(batch), with_grad=False)
+    t = _teacher(teacher, batch, method, accelerator)
+    return loss_terms(method, cfg, feats, scale, data, t, kl_scale, lam, step, epoch, state, accelerator)
+
+
+def backward_step(
+    model,
+    micro_batches: list[Tensors],
+    method: MethodSpec,
+    cfg: TrainConfig,
+    accelerator,
+    teacher: TeacherFeatures | None,
+    kl_scale: float,
+    lam: float,
+    step: int = 0,
+    epoch: int = 0,
+    state: dict[str, Any] | None = None,
+) -> Tensors:
+    """Backward of one optimizer step over its micro-batches: the gradient is the full batch's.
+
+    Cross-entropy is a mean over samples, so each micro-batch's loss is weighted 1/K. The contrastive
+    and StarFT losses couple the samples of a batch: each micro-batch is embedded without gradient first,
+    then once more with gradient, and the loss of the whole step's batch is backpropagated through that
+    micro-batch's features only (the logit scale's own gradient is taken once, in the last,
+    synchronised pass, where DDP expects a gradient for every parameter). Returns the terms (the
+    full batch's values, detached)."""
+    state = state or {}
+    k = len(micro_batches)
+    if k == 1:
+        terms = compute_losses(model, micro_batches[0], method, cfg, accelerator, teacher, kl_scale, lam,
+                               step, epoch, state)  # fmt: skip
+        accelerator.backward(terms["loss"])
+        return {name: v.detach() for name, v in terms.items()}
+    if method.objective == "ce":
+        sums: Tensors = {}
+        for j, batch in enumerate(micro_batches):
+            with accelerator.no_sync(model) if j < k - 1 else contextlib.nullcontext():
+                terms = _ce_terms(model, batch)
+                accelerator.backward(terms["loss"] / k)
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0) + v.detach() / k
+        return sums
+    with torch.no_grad():
+        cached = [
+            _gather(accelerator, student_features(model, b, method, state)[0], False) for b in micro_batches
+        ]
+        data = _cat([_gather(accelerator, _batch_data(b), False) for b in micro_batches])
+        t = _cat([_teacher(teacher, b, method, accelerator) for b in micro_batches])
+    for j, batch in enumerate(micro_batches):
+        with accelerator.no_sync(model) if j < k - 1 else contextlib.nullcontext():
+            feats, scale = student_features(model, batch, method, state)
+            feats = _gather(accelerator, feats, with_grad=True)
+            merged = _cat([feats if i == j else cached[i] for i in range(k)])
+            terms = loss_terms(method, cfg, merged, scale if j == k - 1 else scale.detach(), data, t, kl_scale,
+                               lam, step, epoch, state, accelerator)  # fmt: skip
+            accelerator.backward(terms["loss"])
+    return {name: v.detach() for name, v in terms.items()}
+
+
+def _cat(parts: list[Tensors]) -> Tensors:
+    """Concatenate dicts of per-sample tensors along the sample dimension, key by key."""
+    if not parts or not parts[0]:
+        return {}
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,25 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from trainer.checkpoints import open_run_dir, save_state, save_weights
+from trainer.checkpoints import check_finite, clear_run_dir, open_run_dir, save_state, save_weights
 from trainer.config import TrainConfig
 from trainer.data import Collate, EpochSampler, ImageDataset
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, NonFiniteError, WriteError
 from trainer.evaluate import EvalSet, evaluate_sets, make_eval_sets, zero_shot_head
 from trainer.inputs import Inputs, load_inputs
-from trainer.model import FineTuner, build_clip, clamp_logit_scale, make_teacher
+from trainer.model import FineTuner, build_clip, clamp_logit_scale, make_teacher, train_transform
 from trainer.plots import plot_run
-from trainer.runlog import MetricsLog, Progress, flat_metrics, summary_line, versions, write_json
+from trainer.runlog import (
+    MetricsLog,
+    Progress,
+    flat_metrics,
+    summary_line,
+    versions,
+    write_json,
+    write_text_atomic,
+)
 from trainer.schedules import lam_at, lr_at
-from trainer.step import TeacherFeatures, compute_losses
+from trainer.step import TeacherFeatures, backward_step
 
 
 def new_accelerator(**kwargs: Any) -> Accelerator:
@@ -98,7 +107,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     try:
         return new_accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-            gradient_accumulation_steps=cfg.grad_accum,
+            # No gradient_accumulation_steps: trainer.step.backward_step accumulates exactly, itself.
             # The loader yields the global micro-batch and each process takes its slice: the global batch,
             # and so the result, does not depend on the number of processes.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -149,7 +158,8 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
 
     head = None
     if method.objective == "ce":
-        head = zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
+        # the reference's head (WiSE-FT): zero-shot class embeddings with the logit scale folded in
+        head = teacher_scale * zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
     freeze_text = method.freeze_text or cfg.freeze_text
     if method.objective == "ce" or freeze_text:
         for name, p in clip.named_parameters():  # the image tower (and an ft head) only
@@ -169,8 +179,14 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
         run.model = accelerator.prepare(model)
         return run
 
+    augment = cfg.train_transform == "train"
     dataset = ImageDataset(
-        inputs.train, preprocess, cfg.caption, inputs.spurious, extras=state.get("sample_extras")
+        inputs.train,
+        train_transform(clip) if augment else preprocess,
+        cfg.caption,
+        inputs.spurious,
+        extras=state.get("sample_extras"),
+        augment_seed=cfg.seed if augment else None,
     )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
@@ -202,7 +218,7 @@ def write_run_files(run: Run, resume: bool) -> None:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=resume)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         summary = run.state.get("summary")
         write_json(
             run_dir / "run.json",
@@ -225,93 +241,171 @@ def write_run_files(run: Run, resume: bool) -> None:
 # --- fit --------------------------------------------------------------------------------------
 
 
+def grad_norm(run: Run) -> torch.Tensor | None:
+    """The total gradient norm, clipped to `grad_clip` when set (clip_grad_norm_ returns it at no cost).
+
+    None under fp16 without clipping: its gradients are still scaled and the loss scaler itself skips
+    the steps whose scaled gradients overflow."""
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    if cfg.grad_clip:
+        return acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if acc.scaler is not None:
+        return None
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def nonfinite_term(terms: dict[str, torch.Tensor], norm: torch.Tensor | None) -> str | None:
+    """What is not finite in one step, as a user reads it: 'contrastive loss', 'reg loss', 'loss',
+    'gradient norm' (the parts before the sum); None when everything is finite."""
+    for name in [k for k in terms if k != "loss"] + ["loss"]:
+        if name in terms and not bool(torch.isfinite(terms[name]).all()):
+            return name.replace("_loss", " loss")
+    if norm is not None and not bool(torch.isfinite(norm).all()):
+        return "gradient norm"
+    return None
+
+
+def agree(acc: Accelerator, bad: str | None) -> str | None:
+    """Every process takes the same decision on a step: non-finite anywhere is non-finite everywhere."""
+    if acc.num_processes == 1:
+        return bad
+    flag = acc.reduce(torch.tensor([0.0 if bad is None else 1.0], device=acc.device), "sum")
+    return bad or ("loss on another process" if float(flag.item()) > 0 else None)
+
+
 def fit(run: Run, log: MetricsLog, resume_meta: dict[str, Any] | None) -> dict[str, Any]:
-    """Train to the end of the schedule (or `max_steps`), evaluating each epoch; returns metrics.json."""
+    """Train to the end of the schedule (or `max_steps`), evaluating each epoch; returns metrics.json.
+
+    A non-finite loss or gradient norm stops the run (`nonfinite: stop`, the default) with what was last
+    saved kept as it is; `nonfinite: skip` skips such steps (counted) and stops after `nonfinite_limit` in
+    a row. A stopped run's metrics.json says `complete: false` and why (`stopped`), without `final`."""
+    cfg, acc = run.cfg, run.accelerator
+    step, best = 0, {"step": None, "val_top1": None}
+    skips = {"skipped": 0, "in_a_row": 0}
+    if resume_meta is not None:
+        acc.load_state(resume_meta["state_dir"])
+        step, best = resume_meta["step"], resume_meta["best"]
+        skips = {k: int(resume_meta.get(k, 0)) for k in skips}
+        log.truncate_after(step)
+    t0, c0 = time.time(), time.process_time()
+    state = {"step": step, "best": best, "results": {}, **skips}
+    progress = Progress(acc.is_main_process and cfg.progress)
+    try:
+        fit_loop(run, log, state, progress)
+    except NonFiniteError as e:
+        stopped = f"{run.run_dir}: {e}; stopped, the last saved state and checkpoints are kept"
+        if cfg.nonfinite == "stop":
+            stopped += " (nonfinite: skip skips such steps)"
+        state.update(stopped=stopped, results=None)
+    finally:
+        progress.close()
+    out = {
+        "method": cfg.method,
+        "step": state["step"],
+        "total_steps": run.total,
+        "epoch": state["step"] / run.steps_per_epoch,
+        "complete": state["step"] >= run.total and "stopped" not in state,
+        # `final`: the model at its last step; `best`: the checkpoint chosen on ID validation accuracy
+        # (checkpoints/best.safetensors), with its results on every set: what the paper's tables report.
+        "best": state["best"],
+        **({"final": state["results"]} if "stopped" not in state else {"stopped": state["stopped"]}),
+        **({"skipped_steps": state["skipped"]} if state["skipped"] else {}),
+        "seconds": round(time.time() - t0, 2),
+        "cpu_seconds": round(time.process_time() - c0, 2),  # this process, all its threads
+    }
+    return out
+
+
+def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progress) -> None:
+    """fit's steps, evaluations and saves; `state` (step, best, results, skip counts) is updated in place,
+    so that a NonFiniteError leaves in it where the run stands."""
     cfg, acc, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     method, unwrapped, spe = run.inputs.method, run.unwrapped, run.steps_per_epoch
-    step, best = 0, {"step": None, "val_top1": None}
-    if resume_meta is not None:
-        acc.load_state(str(run.run_dir / "state"))
-        step, best = resume_meta["step"], resume_meta["best"]
-        log.truncate_after(step)
+    step = state["step"]
 
     def checkpoint() -> None:
-        save_state(acc, run.run_dir, {"step": step, "best": best, "config_hash": cfg.hash()})
+        check_finite(dict(unwrapped.named_parameters()), f"step {step}: the weights")
+        meta = {"step": step, "best": state["best"], "config_hash": cfg.hash()}
+        save_state(acc, run.run_dir, {**meta, "skipped": state["skipped"], "in_a_row": state["in_a_row"]})
 
     stop_at = min(run.total, cfg.max_steps) if cfg.max_steps else run.total
-    results: dict[str, Any] = {}
-    progress = Progress(acc.is_main_process and cfg.progress)
     task = progress.add(f"{cfg.method} {run.run_dir.name}", run.total, step)
     model.train()
-    t0, c0 = time.time(), time.process_time()
     while step < stop_at:
         epoch = step // spe
-        run.sampler.set_epoch(epoch)
-        run.dataset.set_epoch(epoch)
         done_in_epoch = step - epoch * spe
-        batches = (
-            acc.skip_first_batches(run.loader, done_in_epoch * cfg.grad_accum)
-            if done_in_epoch
-            else run.loader
-        )
+        run.loader.set_epoch(epoch)  # the sampler's epoch: accelerate's loader would otherwise reset it
+        batches = run.loader
+        if done_in_epoch:  # a resume inside an epoch: the same order, its first batches skipped
+            batches = acc.skip_first_batches(run.loader, done_in_epoch * cfg.grad_accum)
+            batches.set_epoch(epoch)
+        micro: list[dict[str, torch.Tensor]] = []
         for batch in batches:
+            micro.append(batch)
+            if len(micro) < cfg.grad_accum:
+                continue
             lam = lam_at(step, epoch, cfg, run.total, run.epochs)
-            with acc.accumulate(model):
-                terms = compute_losses(
-                    model, batch, method, cfg, acc, run.teacher, run.kl_scale, lam, step, epoch, run.state
-                )
-                acc.backward(terms["loss"])
-                if acc.sync_gradients and cfg.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                lr = lr_at(step, cfg, run.total)
+            terms = backward_step(
+                model, micro, method, cfg, acc, run.teacher, run.kl_scale, lam, step, epoch, run.state
+            )
+            micro = []
+            bad = agree(acc, nonfinite_term(terms, grad_norm(run)))
+            lr = lr_at(step, cfg, run.total)
+            if bad is None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not acc.sync_gradients:
-                continue
-            clamp_logit_scale(unwrapped.clip)
-            step += 1
-            reduced = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
-            if step % cfg.log_every == 0 or step == stop_at:
-                scale = float(unwrapped.clip.logit_scale.exp().item())
-                row = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "lam": lam, **reduced}
-                log.write({**row, "logit_scale": scale})
-            progress.update(task, step, f"loss {reduced['loss']:.4f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+            optimizer.zero_grad(set_to_none=True)
+            if bad is not None:
+                what = f"step {step + 1}: the {bad} is not finite"
+                if cfg.nonfinite == "stop":
+                    raise NonFiniteError(what)
+                state["skipped"] += 1
+                state["in_a_row"] += 1
+                if state["in_a_row"] >= cfg.nonfinite_limit:
+                    raise NonFiniteError(f"{what} ({state['in_a_row']} steps in a row skipped)")
+                step = state["step"] = step + 1
+                log.write({"kind": "skip", "step": step, "epoch": epoch, "term": bad})
+                progress.note(f"{what}: step skipped ({state['skipped']} so far)")
+            else:
+                state["in_a_row"] = 0
+                clamp_logit_scale(unwrapped.clip)
+                step = state["step"] = step + 1
+                reduced = {k: acc.reduce(v.float(), "mean").item() for k, v in terms.items()}
+                if step % cfg.log_every == 0 or step == stop_at:
+                    scale = float(unwrapped.clip.logit_scale.exp().item())
+                    row = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "lam": lam, **reduced}
+                    log.write({**row, "logit_scale": scale})
+                progress.update(task, step, f"loss {reduced['loss']:.4f}")
+            # inside an epoch; an epoch's end saves after its evaluation, below
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe and step < stop_at:
                 checkpoint()
             if step % spe == 0 or step >= stop_at:
                 break
         epoch_done = step % spe == 0 or step == run.total
         if epoch_done and (((epoch + 1) % cfg.eval_every == 0) or step == run.total):
-            results = run.evaluate()
+            results = state["results"] = run.evaluate()
             log.write({"kind": "epoch", "step": step, "epoch": epoch + 1, **flat_metrics(results)})
             progress.note(f"epoch {epoch + 1} step {step}: {summary_line(results)}")
             val = run.inputs.val.name if run.inputs.val else None
+            best = state["best"]
             if val is not None and (best["val_top1"] is None or results[val]["top1"] > best["val_top1"]):
-                best = {"step": step, "val_top1": results[val]["top1"]}
-                if acc.is_main_process:
+                if acc.is_main_process:  # written first: a non-finite model is refused, `best` untouched
                     save_weights(unwrapped, run.run_dir / "checkpoints" / "best.safetensors")
+                state["best"] = {"step": step, "val_top1": results[val]["top1"], "results": results}
         elif step >= stop_at:
-            results = run.evaluate()  # an interrupted run still reports where it stands; `best` is untouched
-    progress.close()
-    if not results:  # resumed at its stop step: report the state it ends in
-        results = run.evaluate()
-
+            # an interrupted run still reports where it stands; `best` is untouched
+            state["results"] = run.evaluate()
+        if epoch_done and step < stop_at:
+            checkpoint()  # after the evaluation: a resume from here neither repeats nor loses it
+    if not state["results"]:  # resumed at its stop step: report the state it ends in
+        state["results"] = run.evaluate()
     if acc.is_main_process:
         save_weights(unwrapped, run.run_dir / "checkpoints" / "last.safetensors")
     checkpoint()
-    return {
-        "method": cfg.method,
-        "step": step,
-        "total_steps": run.total,
-        "epoch": step / spe,
-        "complete": step >= run.total,
-        "best": best,
-        "final": results,
-        "seconds": round(time.time() - t0, 2),
-        "cpu_seconds": round(time.process_time() - c0, 2),  # this process, all its threads
-    }
 
 
 # --- finish -----------------------------------------------------------------------------------
@@ -336,13 +430,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     inputs = load_inputs(cfg)
     run_dir, resume_meta = open_run_dir(cfg, resume)
     run = build(cfg, inputs, run_dir)
-    write_run_files(run, resume)
-    log = MetricsLog(run_dir / "metrics.jsonl", run.accelerator.is_main_process)
-    if inputs.method.objective == "none":
-        results = run.evaluate()
-        log.write({"kind": "eval", "step": 0, "epoch": 0, **flat_metrics(results)})
-        final = {"method": cfg.method, "step": 0, "epoch": 0, "complete": True, "final": results}
-    else:
-        final = fit(run, log, resume_meta)
-    finish(run, final)
+    try:
+        if resume and resume_meta is None and run.accelerator.is_main_process:
+            print(
+                f"note: {run_dir}: no saved state to resume; starting the run from scratch", file=sys.stderr
+            )
+            clear_run_dir(run_dir)
+        write_run_files(run, resume)
+        log = MetricsLog(run_dir / "metrics.jsonl", run.accelerator.is_main_process)
+        if inputs.method.objective == "none":
+            results = run.evaluate()
+            log.write({"kind": "eval", "step": 0, "epoch": 0, **flat_metrics(results)})
+            final = {"method": cfg.method, "step": 0, "epoch": 0, "complete": True, "final": results}
+        else:
+            final = fit(run, log, resume_meta)
+        finish(run, final)
+    except OSError as e:  # a write the helpers did not name (they raise WriteError themselves)
+        raise WriteError(f"{e.filename or run_dir}: cannot write ({e.strerror or e})") from None
+    if "stopped" in final:
+        raise NonFiniteError(final["stopped"])
     return run_dir

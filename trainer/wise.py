@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
+from trainer.checkpoints import check_finite
 from trainer.config import load_config
 from trainer.errors import RunDirError, TrainerError
 from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
@@ -61,10 +62,17 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     head = None
     head_path = ckpt.with_suffix(".head.safetensors")
     if head_path.is_file() and inputs.train is not None:
-        w0 = zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
+        # the head train() started from: zero-shot class embeddings times the zero-shot logit scale
+        w0 = clip.logit_scale.exp().item() * zero_shot_head(
+            clip, tokenizer, inputs.train.classes, inputs.train.templates
+        )
         zero_head = {"weight": w0, "bias": torch.zeros(w0.shape[0])}
-        head = interpolate(zero_head, load_file(str(head_path)), alpha)
-    merged = interpolate({k: v.detach() for k, v in clip.state_dict().items()}, load_file(str(ckpt)), alpha)
+        tuned_head = load_file(str(head_path))
+        check_finite(tuned_head, f"{head_path}: refused")
+        head = interpolate(zero_head, tuned_head, alpha)
+    tuned = load_file(str(ckpt))
+    check_finite(tuned, f"{ckpt}: refused")  # a NaN run (an older trainer saved them) interpolates to NaN
+    merged = interpolate({k: v.detach() for k, v in clip.state_dict().items()}, tuned, alpha)
     clip.load_state_dict(merged)
     model = FineTuner(clip, head["weight"] if head is not None else None)
     if head is not None:

@@ -150,8 +150,11 @@ TEX, LIT, WEA, VIEW = (_rules(n) for n in ("texture", "lighting", "weather", "vi
         ("on a mountaintribe", BG, qc.UNKNOWN_WORD),
         ("overexl", RES, qc.UNKNOWN_WORD),
         ("watershampy", TEX, qc.UNKNOWN_WORD),
-        ("in the city of qadaa", BG, qc.UNKNOWN_WORD),
-        ("in the city of paris", BG, None),
+        ("in the mountains of qadaa", BG, qc.PROPER_NOUN),  # issue 21: "<place> of <name>"
+        ("in the qadaa", BG, qc.UNKNOWN_WORD),
+        ("in the city of paris", BG, qc.PROPER_NOUN),  # issue 21: proper-noun places are not descriptors
+        ("in the city of Zanzibar", BG, qc.PROPER_NOUN),
+        ("in streets of a city", BG, None),
         ("underexposed", RES, None),
         # hyphenated coinages in prefix descriptors; "over-"/"under-" compounds are words
         ("glossy-varnished", TEX, qc.COINED),
@@ -164,7 +167,8 @@ TEX, LIT, WEA, VIEW = (_rules(n) for n in ("texture", "lighting", "weather", "vi
         ("from another angle", VIEW, qc.VAGUE),
         ("in the field of light", LIT, qc.VAGUE),
         # another concept's words
-        ("at night", BG, qc.OTHER_CONCEPT),
+        ("at night", BG, None),  # issue 21: a night or sunset sky is part of the scene
+        ("in the rain", BG, qc.OTHER_CONCEPT),
         ("in the sun", BG, qc.OTHER_CONCEPT),
         ("in the snow", BG, None),  # snow is what a background looks like
         ("vibrant", TEX, qc.OTHER_CONCEPT),
@@ -234,7 +238,7 @@ def test_vocab_switches_rules_off_and_sets_min_count():
 
 def test_new_reasons_are_recorded_in_the_summary():
     c = Collector(BG)
-    c.add_reply("- in a location\n- at night\n- on a mountaintribe\n- in the city")
+    c.add_reply("- in a location\n- in the rain\n- on a mountaintribe\n- in the city")
     rows = {r[0]: r[1:] for r in c.summary()}
     assert rows["accepted"] == (1, 1)
     assert rows[qc.VAGUE] == (1, 1) and rows[qc.OTHER_CONCEPT] == (1, 1) and rows[qc.UNKNOWN_WORD] == (1, 1)

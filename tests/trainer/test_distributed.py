@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from trainer.config import build_config
 from trainer.model import FineTuner, build_clip, make_teacher
 from trainer.methods import get_method
-from trainer.step import TeacherFeatures, compute_losses
+from trainer.step import TeacherFeatures, backward_step, compute_losses
 
 torch.set_num_threads(1)
 model_json, out, run_config = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -71,6 +71,7 @@ results = {}
 for name, overrides in [
     ("starft", ["method=starft", "spurious=none"]),
     ("kl", ["method=kl", "spurious=none"]),
+    ("flyp", ["method=flyp"]),
     ("flyp_label", ["method=flyp", "positives=label"]),
     ("ravl", ["method=ravl", "discovered=unused.json"]),  # regions embedded in the DDP forward, gathered
 ]:
@@ -83,6 +84,20 @@ for name, overrides in [
     acc.backward(terms["loss"])
     grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
     results[name] = {"terms": {k: float(v) for k, v in terms.items()}, "grads": grads}
+
+# Exact accumulation across processes: the batch as K global micro-batches, each split across the processes.
+for name in ("starft", "kl", "flyp"):
+    cfg = build_config({"data": {"train": {"path": "unused.csv"}}}, [f"method={name}", "spurious=none"])
+    for k in (2, 4):
+        model.zero_grad(set_to_none=True)
+        m = n // k
+        micro = [
+            {key: v[j * m + rank * m // world : j * m + (rank + 1) * m // world].to(acc.device) for key, v in full.items()}
+            for j in range(k)
+        ]
+        terms = backward_step(model, micro, get_method(name), cfg, acc, TeacherFeatures(teacher), teacher_scale, 0.5)
+        grads = {kk: p.grad.detach().clone() for kk, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
+        results[f"{name}-accum{k}"] = {"terms": {kk: float(v) for kk, v in terms.items()}, "grads": grads}
 torch.save(results, f"{out}.rank{rank}.pt")
 
 # Then a whole `trainer run` in the same processes (saves a second launch).
@@ -154,13 +169,29 @@ def test_two_processes_equal_one_on_the_global_batch(launched):
     ref = torch.load(tmp_path / "one.rank0.pt")
     ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1)]
     for name, expected in ref.items():
-        assert expected["terms"]["reg_loss"] > 0 or name == "flyp_label"
+        assert expected["terms"]["reg_loss"] > 0 or name.startswith("flyp")
         for got in ranks:
             for term, value in expected["terms"].items():
                 assert got[name]["terms"][term] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, term)
             assert got[name]["grads"].keys() == expected["grads"].keys()
             for k, g in expected["grads"].items():
                 assert torch.allclose(got[name]["grads"][k], g, rtol=1e-4, atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("name", ["starft", "kl", "flyp"])
+def test_accumulation_on_two_processes_gives_the_full_batch_gradient(launched, name):
+    """Batch 8 in one process and one micro-batch vs grad_accum 2 and 4 on two processes: equal gradients."""
+    tmp_path, _ = launched
+    ref = torch.load(tmp_path / "one.rank0.pt")
+    full = ref[name]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"two.rank{rank}.pt")
+        for k in (2, 4):
+            grads = got[f"{name}-accum{k}"]["grads"]
+            assert grads.keys() == full["grads"].keys()
+            for key, g in full["grads"].items():
+                rel = float((grads[key] - g).norm() / g.norm().clamp_min(1e-12))
+                assert rel < 1e-5, (name, k, key, rel)
 
 
 def test_two_process_run_matches_one_process_run(launched):

@@ -125,7 +125,7 @@ def test_class_embeddings_average_templates(tiny_vit):
 # --- the loss: a literal per-sample reference -----------------------------------------------
 
 
-def reference_loss(region_emb, region_image, spurious, labels, class_emb, tau, reduction="mean"):
+def reference_loss(region_emb, region_image, spurious, labels, class_emb, tau, reduction="sum"):
     """The paper's formulas written out one image at a time, in float64."""
     f = F.normalize(region_emb.double(), dim=-1)
     g = F.normalize(class_emb.double(), dim=-1)
@@ -180,6 +180,42 @@ def test_loss_matches_per_sample_reference(seed, reduction):
     torch.testing.assert_close(out["reg_loss"], ref_r + ref_a, atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_sum_and_mean_reductions_relate_exactly_by_the_batch_size(seed):
+    """The paper's Σ_i (the default) is n times the mean over the n contributing images; with every image
+    contributing n is the batch size B, so (1 − λ) weighs B times more against the (mean) CLIP loss."""
+    emb, img, sp, y, cls = random_batch(seed)
+    first = torch.ones_like(sp)
+    first[1:] = img[1:] != img[:-1]
+    sp = sp & ~first  # every image keeps its first region non-spurious: n = B
+    B = len(y)
+    total = ravl_loss(emb, img, sp, y, cls)  # default: sum
+    mean = ravl_loss(emb, img, sp, y, cls, reduction="mean")
+    assert total["n_images"].item() == mean["n_images"].item() == B
+    for k in ("region_loss", "align_loss", "reg_loss"):
+        torch.testing.assert_close(total[k], B * mean[k], atol=1e-10, rtol=1e-12)
+    # the gradients relate by the same factor, so sum at λ equals mean at λ' = λ / (λ + B (1 − λ)) up to scale
+    a, b = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ravl_loss(a, img, sp, y, cls)["reg_loss"].backward()
+    ravl_loss(b, img, sp, y, cls, reduction="mean")["reg_loss"].backward()
+    torch.testing.assert_close(a.grad, B * b.grad, atol=1e-10, rtol=1e-10)
+    lam, lc = 0.8, torch.tensor(2.5, dtype=torch.float64)
+    lam_mean = lam / (lam + B * (1 - lam))
+    paper = lam * lc + (1 - lam) * total["reg_loss"]
+    scaled = (lam + B * (1 - lam)) * (lam_mean * lc + (1 - lam_mean) * mean["reg_loss"])
+    torch.testing.assert_close(paper, scaled, atol=1e-10, rtol=1e-12)
+
+
+def test_sum_is_n_times_mean_when_an_image_is_skipped():
+    emb, img, sp, y, cls = random_batch(5)  # image 0 has only spurious regions: n = B − 1
+    total, mean = ravl_loss(emb, img, sp, y, cls), ravl_loss(emb, img, sp, y, cls, reduction="mean")
+    n = total["n_images"].item()
+    assert n == len(y) - 1
+    torch.testing.assert_close(total["reg_loss"], n * mean["reg_loss"], atol=1e-10, rtol=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        ravl_loss(emb, img, sp, y, cls, reduction="max")
+
+
 def test_loss_gradient_matches_reference():
     emb, img, sp, y, cls = random_batch(3)
     a = emb.clone().requires_grad_(True)
@@ -196,8 +232,8 @@ def test_loss_hand_computed_two_images():
     cls = torch.eye(2)  # region i matches class i exactly: cosine 1 with its class, 0 with the other
     out = ravl_loss(e, torch.tensor([0, 1]), torch.tensor([False, False]), torch.tensor([0, 1]), cls, tau=1.0)
     expected = -math.log(math.e / (math.e + 1))  # both L_R and L_A reduce to a 2-way softmax here
-    assert out["region_loss"].item() == pytest.approx(expected)
-    assert out["align_loss"].item() == pytest.approx(expected)
+    assert out["region_loss"].item() == pytest.approx(2 * expected)  # summed over the two images
+    assert out["align_loss"].item() == pytest.approx(2 * expected)
     # a spurious region matching class 0 enters P (for both images) and L_A of image 0 only
     e3 = torch.cat([e, torch.tensor([[1.0, 0.0]])])
     out = ravl_loss(
@@ -207,8 +243,8 @@ def test_loss_hand_computed_two_images():
     lr1 = -math.log(math.e / (1 + math.e + math.e))
     la0 = -math.log(math.e / (math.e + 1 + math.e))
     la1 = -math.log(math.e / (math.e + 1 + 1))
-    assert out["region_loss"].item() == pytest.approx((lr0 + lr1) / 2)
-    assert out["align_loss"].item() == pytest.approx((la0 + la1) / 2)
+    assert out["region_loss"].item() == pytest.approx(lr0 + lr1)  # the paper's Σ_i
+    assert out["align_loss"].item() == pytest.approx(la0 + la1)
 
 
 # --- the choices where the paper is silent --------------------------------------------------

@@ -7,7 +7,8 @@ Steps (issue 6; RaVL, NeurIPS 2024, sec. 3.1 and appendix D.1):
 1. regions: an equal grid of each image, or boxes from a CSV (path,x0,y0,x1,y1);
 2. embed each region with the image encoder (crop and resize through the model's transform, or RoI
    pooling), L2-normalise;
-3. k-medoids (FasterPAM) on cosine distance, k in [2C, 5C) chosen by silhouette;
+3. k-medoids on cosine distance (FasterPAM, or RaVL's own choice: alternating k-medoids from a seeded
+   k-medoids++ start), k in [2C, 5C) chosen by silhouette;
 4. zero-shot classify images and regions: template-averaged class prompts, softmax at temperature 0.07;
 5. per cluster and class, the performance gap w·(acc with a region in the cluster − acc without),
    w = 2·min(n_in, n_out)/(n_in + n_out), and the influence score (errors whose region scoring highest
@@ -20,7 +21,10 @@ directly. trainer/ravl/report.py renders a report and hands its features to desc
 
 Choices the paper leaves open (facts about RaVL's code from Stanford-AIMI/RaVL, ravl/discover*.py):
 - Distance is 1 − cosine, kept in [0, 2] (RaVL's code clips it at 1); FasterPAM with a seeded random
-  init (RaVL: k-medoids++ from sklearn_extra); the first k with the best silhouette wins, as in RaVL.
+  init by default. `clustering: alternate` is RaVL's algorithm (sklearn_extra's KMedoids defaults:
+  alternating "k-means-style" k-medoids, k-medoids++ init, random_state 0, at most 300 iterations), with
+  our own k-medoids++ seeding, so the medoids need not equal sklearn_extra's draw for draw. The first k
+  with the best silhouette wins, as in RaVL.
 - Above `max_cluster_regions` regions a seeded sample is clustered and every region goes to its nearest
   medoid, which is also how `assign_regions` places new regions, so a report is self-contained.
 - A cluster with no misclassified image to judge has influence None (RaVL: −inf) and is dropped.
@@ -62,6 +66,9 @@ class DiscoverConfig(_Frozen):
     grid: tuple[int, int] = Field((2, 2), description="rows, cols of the equal grid (when no boxes CSV)")
     boxes_csv: str | None = Field(None, description="CSV path,x0,y0,x1,y1 of candidate regions")
     mode: Literal["crop", "roi"] = "crop"
+    clustering: Literal["fasterpam", "alternate"] = Field(
+        "fasterpam", description="k-medoids algorithm: FasterPAM, or alternating from k-medoids++ (RaVL's)"
+    )
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # each holds {c} (or {}) for the class name
     temperature: float = 0.07
     k_min: int | None = Field(None, description="smallest k tried; default 2C")
@@ -222,10 +229,52 @@ def embed_dataset(
 # --- steps 3-6 ------------------------------------------------------------------------------
 
 
+def kmedoids_pp_init(diss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-medoids++ seeding (the k-means++ rule on a dissimilarity matrix): the first medoid uniformly at
+    random, each next one drawn with probability proportional to its squared distance to the nearest
+    medoid chosen so far, keeping the best of 2 + ⌊ln k⌋ draws (the one lowering the total cost most).
+    Returns k distinct indices."""
+    n = len(diss)
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    medoids = [int(rng.integers(n))]
+    nearest = diss[medoids[0]].astype(np.float64) ** 2
+    for _ in range(1, k):
+        total = nearest.sum()
+        if total <= 0:  # every point sits on a medoid: take unused points in order
+            rest = np.setdiff1d(np.arange(n), medoids)
+            medoids.append(int(rest[0]))
+            continue
+        cand = rng.choice(n, size=trials, p=nearest / total)
+        costs = [np.minimum(nearest, diss[c].astype(np.float64) ** 2).sum() for c in cand]
+        best = int(cand[int(np.argmin(costs))])
+        if best in medoids:  # a zero-distance draw cannot happen, but keep the medoids distinct
+            best = int(np.setdiff1d(np.arange(n), medoids)[0])
+        medoids.append(best)
+        nearest = np.minimum(nearest, diss[best].astype(np.float64) ** 2)
+    return np.asarray(medoids, dtype=np.int64)
+
+
+def kmedoids_fit(diss: np.ndarray, k: int, method: str = "fasterpam", seed: int = 0, n_cpu: int = -1):
+    """One k-medoids fit on a dissimilarity matrix: `kmedoids.fasterpam` (seeded random init) or
+    `kmedoids.alternating` from `kmedoids_pp_init` (RaVL's choice); returns the kmedoids result."""
+    if method == "fasterpam":
+        return kmedoids.fasterpam(diss, k, random_state=seed, n_cpu=n_cpu)
+    if method == "alternate":
+        return kmedoids.alternating(diss, kmedoids_pp_init(diss, k, seed), max_iter=300)
+    raise ValueError(f"clustering must be 'fasterpam' or 'alternate', got {method!r}")
+
+
 def cluster_regions(
-    emb: np.ndarray, k_values: Iterable[int], seed: int = 0, max_regions: int = 6000, n_cpu: int = -1
+    emb: np.ndarray,
+    k_values: Iterable[int],
+    seed: int = 0,
+    max_regions: int = 6000,
+    n_cpu: int = -1,
+    method: str = "fasterpam",
 ) -> tuple[np.ndarray, np.ndarray, int, dict[int, float]]:
-    """k-medoids (FasterPAM) on cosine distance, k chosen by silhouette.
+    """k-medoids (`method`: fasterpam or alternate, see `kmedoids_fit`) on cosine distance, k chosen by
+    silhouette.
 
     Returns (cluster of every region, medoid region indices, chosen k, silhouette per k). With more
     than `max_regions` regions a seeded sample is clustered; all regions then go to the nearest medoid.
@@ -245,7 +294,7 @@ def cluster_regions(
     best: tuple[float, int, Any] | None = None
     scores: dict[int, float] = {}
     for k in ks:
-        res = kmedoids.fasterpam(diss, k, random_state=seed, n_cpu=n_cpu)
+        res = kmedoids_fit(diss, k, method, seed, n_cpu)
         s = float(kmedoids.silhouette(diss, np.asarray(res.labels, dtype=np.int64), n_cpu=n_cpu)[0])
         scores[k] = s
         if best is None or s > best[0]:
@@ -340,7 +389,9 @@ def discover_from_arrays(
     C, N = len(classnames), len(labels)
     preds = image_probs.argmax(1)
     k_values = range(cfg.k_min or 2 * C, cfg.k_max or 5 * C)
-    clusters, medoids, k, sil = cluster_regions(emb, k_values, cfg.seed, cfg.max_cluster_regions, cfg.n_cpu)
+    clusters, medoids, k, sil = cluster_regions(
+        emb, k_values, cfg.seed, cfg.max_cluster_regions, cfg.n_cpu, cfg.clustering
+    )
     emb_n = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
 
     stats, features = [], []

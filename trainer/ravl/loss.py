@@ -2,8 +2,17 @@
 
     from trainer.ravl.loss import ravl_loss; out = ravl_loss(regions, image_of, spurious, labels, class_emb)
 
-The choices where the paper is silent (normalisation, batch reduction, repeated labels, images with no
-non-spurious region) are listed in trainer/ravl/regions.py's docstring and tested in tests/trainer/test_ravl.py.
+The choices where the paper is silent (normalisation, repeated labels, images with no non-spurious region)
+are listed in trainer/ravl/regions.py's docstring and tested in tests/trainer/test_ravl.py.
+
+Batch reduction. The paper sums over the batch, L = λ·L_CL + (1 − λ)·Σ_i (L_R^i + L_A^i), and so does
+`reduction="sum"` (the default). `reduction="mean"` averages over the n contributing images instead
+(n = B when every image has a non-spurious region), so sum = n·mean exactly. The CLIP loss is itself a
+batch mean, so with the sum the region terms weigh n times more: at the paper's λ 0.8 and batch 128 the
+region term carries (1 − λ)·128/λ = 32× the weight of L_CL. A mean-reduced run with weight λ' has the same
+balance (up to the overall scale of the loss, which AdamW all but ignores) as the summed run with
+    λ' = λ / (λ + n·(1 − λ))        e.g. λ 0.8, n 128  ->  λ' = 0.8 / 26.4 ≈ 0.030,
+and conversely a mean run at λ' equals a summed run at λ = n·λ' / (n·λ' + 1 − λ').
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ def ravl_loss(
     labels: Tensor,
     class_emb: Tensor,
     tau: float = 0.07,
-    reduction: Literal["mean", "sum"] = "mean",
+    reduction: Literal["mean", "sum"] = "sum",
 ) -> dict[str, Tensor]:
     """RaVL's region-aware loss L_R + L_A (paper sec. 4.1, appendix C) for one batch.
 
@@ -42,12 +51,15 @@ def ravl_loss(
         labels: (B,) long class index ŷ_i of each image.
         class_emb: (C, D) class prompt embeddings g(c) (normalised here); usually from a frozen text encoder.
         tau: temperature τ.
-        reduction: "mean" over contributing images, or "sum" (the paper's Σ_i).
+        reduction: "sum" over contributing images (the paper's Σ_i), or "mean" (sum / n, see the module
+            docstring for how λ relates between the two).
 
     Returns:
         {"region_loss": L_R, "align_loss": L_A, "reg_loss": L_R + L_A, "n_images": contributing images}.
     """
     B, C = len(labels), len(class_emb)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if region_emb.shape[0] != region_image.shape[0] or region_emb.shape[0] != spurious.shape[0]:
         raise ValueError("region_emb, region_image and spurious must have the same length R")
     spurious = spurious.bool()
@@ -93,9 +105,9 @@ def ravl_batch_loss(
     labels: Tensor,
     class_emb: Tensor,
     grid: tuple[int, int] = (2, 2),
-    mode: Mode = "crop",
+    mode: Mode = "roi",
     tau: float = 0.07,
-    reduction: Literal["mean", "sum"] = "mean",
+    reduction: Literal["mean", "sum"] = "sum",
 ) -> dict[str, Tensor]:
     """`ravl_loss` for a training batch whose images share one region grid.
 

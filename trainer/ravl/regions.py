@@ -11,9 +11,9 @@ RoI pooling, a `visual` tower that is a `VisionTransformer` or a `ModifiedResNet
 Choices where the paper is silent (each one is tested in tests/trainer/test_ravl.py):
 - Normalisation: region and class embeddings are L2-normalised, so <f(a), g(b)> is a cosine
   similarity (the issue's reading of the paper) and τ plays the role of CLIP's temperature.
-- Batch reduction: the paper sums L_R^i + L_A^i over the batch; we average over the images that
-  contribute (`reduction="mean"`), so the weight (1 − λ) does not grow with the batch size next to the
-  CLIP loss, which is itself a mean. `reduction="sum"` gives the paper's form.
+- Batch reduction: the paper sums L_R^i + L_A^i over the batch, and so does the default
+  (`reduction="sum"`); `reduction="mean"` averages over the images that contribute. trainer/ravl/loss.py's
+  docstring says how λ relates between the two.
 - Labels repeated in a batch: the "Σ over ŷ_j ∈ B" of L_R runs over the *distinct* classes present in
   the batch (a softmax over the batch's classes plus the penalty P), so a class that appears twice is
   not counted twice; the max in P also runs over the distinct classes. L_A's sum runs over the other

@@ -219,6 +219,7 @@ def discover_run(
     candidates: str | Path | None = None,
     console=None,
     seed: int = 0,
+    clustering: Literal["fasterpam", "alternate"] = "fasterpam",
 ) -> dict[str, Any]:
     """Discovery with a run's checkpoint on a labelled set; writes report.json, report.model.json and
     features.png into `out` (default RUN/discover) and, with `to_bank`, a new bank version.
@@ -264,6 +265,7 @@ def discover_run(
         grid=_grid(grid),
         boxes_csv=str(boxes) if boxes else None,
         mode=mode,
+        clustering=clustering,
         seed=seed,
         n_cpu=torch.get_num_threads(),
     )

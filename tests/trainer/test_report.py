@@ -1,0 +1,85 @@
+"""`trainer report`: runs as one table in the paper's form (ID, OOD sets, OOD avg, worst / average group).
+
+.venv/bin/pytest tests/trainer/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from trainer.cli import app
+
+runner = CliRunner()
+
+
+def fake_run(
+    root: Path, name: str, method: str, top1: dict[str, float], groups: dict[str, list[float]]
+) -> Path:
+    """A run dir as `trainer run` leaves it: config.yaml (data.val named 'imagenet') and metrics.json."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(
+        f"method: {method}\ndata:\n  val: {{path: data/imagenet/val, name: imagenet}}\n"
+    )
+    final = {s: {"top1": v, "n": 10} for s, v in top1.items()}
+    for s, accs in groups.items():
+        final[s] = {
+            "top1": sum(accs) / len(accs),
+            "n": 10,
+            "per_group": {f"g{i}": a for i, a in enumerate(accs)},
+            "worst_group": min(accs),
+            "worst3_mean": 0.0,
+            "group_mean": sum(accs) / len(accs),
+        }
+    best = {"step": 3, "val_top1": 1.0, "results": {"imagenet": {"top1": 1.0, "n": 10}}}
+    (d / "metrics.json").write_text(json.dumps({"method": method, "final": final, "best": best}))
+    return d
+
+
+def test_report_table_markdown_and_png(tmp_path):
+    a = fake_run(
+        tmp_path,
+        "flyp",
+        "flyp",
+        {"imagenet": 80.0, "imagenet-r": 70.0, "imagenet-a": 50.0},
+        {"waterbirds": [30, 90]},
+    )
+    b = fake_run(
+        tmp_path,
+        "starft",
+        "starft",
+        {"imagenet": 81.0, "imagenet-r": 72.5, "imagenet-a": 52.5},
+        {"waterbirds": [45, 95]},
+    )
+    png = tmp_path / "out" / "table.png"
+    r = runner.invoke(app, ["report", str(a), str(b), "--png", str(png), "--md", str(tmp_path / "t.md")])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert (
+        lines[0]
+        == "| run | method | ID | imagenet-r | imagenet-a | OOD avg | waterbirds WG | waterbirds avg group |"
+    )
+    assert lines[2] == "| flyp | flyp | 80.00 | 70.00 | 50.00 | 60.00 | 30.00 | 60.00 |"
+    assert lines[3] == "| starft | starft | 81.00 | 72.50 | 52.50 | 62.50 | 45.00 | 70.00 |"
+    assert (tmp_path / "t.md").read_text() == r.stdout
+    with Image.open(png) as im:
+        assert im.size[0] > 300 and im.size[1] > 50
+    r = runner.invoke(app, ["report", str(a), "--ood", "imagenet-r"])
+    assert r.exit_code == 0 and "| flyp | flyp | 80.00 | 70.00 | 50.00 | 70.00 |" in r.stdout
+    r = runner.invoke(app, ["report", str(a), "--checkpoint", "best"])
+    assert r.exit_code == 0 and "| flyp | flyp | 1.00 |" in r.stdout
+
+
+def test_report_errors_are_one_line(tmp_path):
+    a = fake_run(tmp_path, "x", "flyp", {"imagenet": 80.0}, {})
+    for args, message in [
+        ([str(tmp_path / "nope")], "no such file"),
+        ([str(a), "--ood", "imagenet-z"], "no such OOD set 'imagenet-z'"),
+    ]:
+        r = runner.invoke(app, ["report", *args])
+        assert r.exit_code == 1 and r.stderr.startswith("Error: ") and message in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
