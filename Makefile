@@ -6,7 +6,7 @@ THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench bench-perf lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,8 +32,14 @@ demo: install
 	$(PY) -m bench demo --threads $(THREADS)
 
 # The fuller benchmark: every row, several pretraining and fine-tuning seeds (hours on 2 CPU cores).
-bench: install
+bench: install bench-perf
 	$(PY) -m bench run --threads $(THREADS)
+
+# Step time and peak memory, flyp against starft (reference and optimised), random init (issue 20).
+bench-perf: install
+	mkdir -p runs/perf
+	$(VENV)/bin/trainer perf --model ViT-B-32 --batch 16 --threads $(THREADS) --json runs/perf/vit-b-32.json
+	$(VENV)/bin/trainer perf --model ViT-B-16 --batch 16 --threads $(THREADS) --json runs/perf/vit-b-16.json
 
 lint: install
 	$(VENV)/bin/ruff check descgen trainer bench tests

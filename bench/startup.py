@@ -4,11 +4,13 @@
 
 `make` writes an ImageNet-style tree of empty files (1000 wnid folders; only the listing is measured).
 `measure` is what each process runs: `old` lists the tree on every process with torchvision's ImageFolder
-(a Python list of (path, label) tuples, the loader before the run index); `new` loads the set through
+into Python lists of `Path`s and labels (trainer's sets before the run index); `new` loads the set through
 trainer.inputs.load_sets with the run's index (the main process scans and writes it, the others memory-map
 it; a second launch reuses it, as `--resume` does). Each process then forks DataLoader workers that read
-every path of the listing, and reports how much private memory a worker gained doing so: a Python list is
-copied page by page into each worker as reading it touches reference counts; the index's arrays are not.
+every path of the listing, and reports how much private (dirty) memory a worker gained doing so: a Python
+list is copied page by page into each worker as reading it touches reference counts; the index's
+memory-mapped arrays are only read, so the page cache holds them once for all processes and workers.
+(What remains in a worker is pathlib's own: it interns the file names of the `Path`s a worker creates.)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -28,13 +31,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
 def _private_mb() -> float:
-    """This process's private (copied or written) memory, from /proc/self/smaps_rollup, in MB."""
-    kb = 0
+    """This process's own written or copied memory (Private_Dirty in /proc/self/smaps_rollup), in MB.
+
+    Pages of a memory-mapped file that are only read are not counted: the page cache holds them once
+    for every process that maps them."""
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith(("Private_Dirty:", "Private_Clean:")):
-                kb += int(line.split()[1])
-    return kb / 1024
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _peak_mb() -> float:
@@ -85,8 +90,10 @@ def _worker_growth(paths, labels, workers: int) -> float:
 
 
 @app.command()
-def measure(root: Path, run_dir: Path, mode: str = "new", workers: int = 2) -> None:
-    """One process's start-up: list ROOT/train (old: ImageFolder; new: the run index), print a JSON line."""
+def measure(
+    root: Path, run_dir: Path, out: Annotated[Path, typer.Option()], mode: str = "new", workers: int = 2
+) -> None:
+    """One process's start-up: list ROOT/train (old: ImageFolder; new: the run index); OUT.<rank>.json."""
     import torch  # noqa: F401 - imported before timing, as trainer's start-up does
     from torchvision.datasets import ImageFolder
 
@@ -97,8 +104,8 @@ def measure(root: Path, run_dir: Path, mode: str = "new", workers: int = 2) -> N
     state = process_state()
     t0, mem0 = time.perf_counter(), _private_mb()
     if mode == "old":
-        folder = ImageFolder(str(root / "train"))
-        paths, labels = [p for p, _ in folder.samples], [y for _, y in folder.samples]
+        folder = ImageFolder(str(root / "train"))  # as trainer's sets were: a list of Path objects
+        paths, labels = [Path(p) for p, _ in folder.samples], [y for _, y in folder.samples]
         n = len(paths)
     else:
         cfg = build_config(
@@ -117,8 +124,8 @@ def measure(root: Path, run_dir: Path, mode: str = "new", workers: int = 2) -> N
         "peak_rss_mb": round(_peak_mb(), 1),
         "worker_private_growth_mb": round(_worker_growth(paths, labels, workers), 1) if workers else None,
     }
+    Path(f"{out}.{state.process_index}.json").write_text(json.dumps(row))
     state.wait_for_everyone()
-    print("STARTUP " + json.dumps(row), flush=True)
 
 
 def _launch(nproc: int, args: list[str]) -> list[dict]:
@@ -131,10 +138,14 @@ def _launch(nproc: int, args: list[str]) -> list[dict]:
         accelerate = Path(sys.executable).parent / "accelerate"
         cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bench.startup", "measure", *args]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    rows = [json.loads(ln.split("STARTUP ", 1)[1]) for ln in out.stdout.splitlines() if "STARTUP " in ln]
-    if out.returncode != 0 or not rows:
-        raise SystemExit(f"measure failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    prefix = Path(args[args.index("--out") + 1])
+    files = sorted(prefix.parent.glob(prefix.name + ".*.json"))
+    if res.returncode != 0 or len(files) != nproc:
+        raise SystemExit(f"measure failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    rows = [json.loads(f.read_text()) for f in files]
+    for f in files:
+        f.unlink()
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -152,7 +163,8 @@ def all(root: Path, entries: int = 200_000, workers: int = 2) -> None:
             run_dir = root / f"run-{nproc}"
             if label.endswith("scan + write") and run_dir.exists():
                 shutil.rmtree(run_dir)
-            for r in _launch(nproc, [str(root), str(run_dir), "--mode", mode, "--workers", str(workers)]):
+            args = [str(root), str(run_dir), "--out", str(root / "measure"), "--mode", mode]
+            for r in _launch(nproc, [*args, "--workers", str(workers)]):
                 rows.append({"what": label, **r})
     typer.echo(f"{entries} entries, {workers} DataLoader workers per process")
     typer.echo(

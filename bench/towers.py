@@ -152,14 +152,14 @@ def kl_drift(
 
     cfg, clip, tokenizer, zs, ft, loaders = _load_run(run_dir, threads, sets)
     bank_path = cfg.bank or bank or find_reviewed_bank("banks", tuple(cfg.concepts))
-    descriptors = load_bank(bank_path).approved(list(cfg.concepts))
+    descriptors = load_bank(bank_path).approved_styled(list(cfg.concepts))
     scale = float(cfg.kl_scale or clip.logit_scale.exp())
     feats: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {}
     for name, state in (("zs", zs), ("ft", ft)):
         clip.load_state_dict(state)
         for es in loaders:
             s = es.image_set
-            caps = [d.apply(fill_template(cfg.caption, c)) for c in s.classes for d in descriptors]
+            caps = [d.caption(fill_template(cfg.caption, c), c, st) for c in s.classes for d, st in descriptors]
             star = clip.encode_text(tokenizer(caps), normalize=True).float()
             head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
             img = torch.cat([clip.encode_image(b["image"], normalize=True).float() for b in es.loader])

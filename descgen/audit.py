@@ -108,25 +108,25 @@ def entropy_share(logits) -> float:
     return float((-(lp.exp() * lp).sum(-1) / math.log(n)).mean())
 
 
-def clusters_above(sim, threshold: float) -> list[list[int]]:
-    """Connected components (size >= 2) of the graph with an edge where similarity >= threshold."""
+def clusters_above(sim, threshold: float, order: Sequence[int] | None = None) -> list[list[int]]:
+    """Groups (size >= 2) of near-duplicates: taking items in `order` (best first), each item not yet in a
+    group starts one and takes every free item whose similarity to it is >= threshold. Every member is
+    close to the group's first item (no chaining of a ~ b ~ c into a group where a and c differ)."""
     n = sim.shape[0]
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(n):
-        for j in range(i + 1, n):
-            if float(sim[i, j]) >= threshold:
-                parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
+    free = [True] * n
+    groups = []
+    for i in order if order is not None else range(n):
+        if not free[i]:
+            continue
+        free[i] = False
+        members = [i]
+        for j in order if order is not None else range(n):
+            if free[j] and float(sim[i, j]) >= threshold:
+                free[j] = False
+                members.append(j)
+        if len(members) > 1:
+            groups.append(members)
+    return groups
 
 
 def random_suffixes(n: int, seed: int = 0) -> list[str]:
@@ -241,11 +241,10 @@ def audit_concept(
         res.other_style = other
         res.effective_n_other, res.text_share_other = _text_measures(emb_o, clip.scale)
     sim = (emb @ emb.transpose(1, 2)).mean(0)
-    order = {d.id: (-d.count, i) for i, d in enumerate(descs)}
-    for group in clusters_above(sim, dup_threshold):
-        ids = sorted((descs[i].id for i in group), key=order.__getitem__)
-        res.clusters.append(ids)
-    res.clusters.sort(key=lambda g: (-len(g), order[g[0]]))
+    rank = sorted(range(len(descs)), key=lambda i: (-descs[i].count, i))  # most sampled first
+    for group in clusters_above(sim, dup_threshold, rank):
+        res.clusters.append([descs[i].id for i in group])
+    res.clusters.sort(key=len, reverse=True)
     to_clean = (emb * clean[:, None, :]).sum(-1).mean(0)  # (n,)
     res.clean_like = [d.id for d, c in zip(descs, to_clean.tolist()) if c >= clean_threshold]
     if images is not None:
@@ -256,10 +255,12 @@ def audit_concept(
         res.verdict = verdict(share, share_rand, "text")
     if res.other_style is not None:
         better = style if share <= res.text_share_other else res.other_style
-        res.verdict += (
-            f"; caption style: text H {share:.2f} {style}, {res.text_share_other:.2f} {res.other_style} "
-            f"(the model tells the {better} style apart better)"
+        which = (
+            "no difference between the styles"
+            if abs(share - res.text_share_other) < 0.01
+            else f"the model tells the {better} style apart better"
         )
+        res.verdict += f"; caption style: text H {share:.2f} {style}, {res.text_share_other:.2f} {res.other_style} ({which})"
     return res
 
 
@@ -344,6 +345,8 @@ def _resolve(clip: str, pretrained: str | None) -> tuple[dict | None, str, str |
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise AuditError(f"{path}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         return cfg, path.stem, weights, data.get("preprocess_cfg") or {}
+    if "/" in clip or clip.startswith((".", "~")):
+        raise AuditError(f"{clip}: no such model folder or config file")
     return None, clip, weights, {}
 
 

@@ -52,10 +52,14 @@ BaseUrlOpt = Annotated[
 ]
 KeyEnvOpt = Annotated[
     str | None,
-    typer.Option("--api-key-env", help="openai backend: environment variable holding the key (OPENAI_API_KEY)"),
+    typer.Option(
+        "--api-key-env", help="openai backend: environment variable holding the key (OPENAI_API_KEY)"
+    ),
 ]
 TimeoutOpt = Annotated[float, typer.Option("--request-timeout", min=0.1, help="openai backend: seconds")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="hf: cpu, cuda, cuda:1 (default: cuda if any)")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="hf: cpu, cuda, cuda:1 (default: cuda if any)")
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="hf: auto, float32, bfloat16, float16")]
 DeviceMapOpt = Annotated[
     str | None, typer.Option("--device-map", help="hf: 'auto' spreads a big model over GPUs (accelerate)")
@@ -220,9 +224,18 @@ def concepts(
     sampling = Sampling(batch_size=min(20, max(samples, 1)), max_new_tokens=24)
     if samples:
         gen = _generator(
-            model, threads, allow_download, trust_remote_code, backend, base_url=base_url,
-            api_key_env=api_key_env, timeout=request_timeout, device=device, dtype=dtype,
-            device_map=device_map, load_in_4bit=load_in_4bit,
+            model,
+            threads,
+            allow_download,
+            trust_remote_code,
+            backend,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            timeout=request_timeout,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            load_in_4bit=load_in_4bit,
         )
         info = gen.info
         props = propose_concepts(gen, tmpl, cat, samples=samples, sampling=sampling, seed=seed)
@@ -322,8 +335,18 @@ def expand(
         raise DescgenError(f"unknown concept {e.args[0]!r} in {base.path} (known: {known})") from None
     _check_dest(banks_dir, out_path)
     gen = _generator(
-        model, threads, allow_download, trust_remote_code, backend, base_url=base_url, api_key_env=api_key_env,
-        timeout=request_timeout, device=device, dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit,
+        model,
+        threads,
+        allow_download,
+        trust_remote_code,
+        backend,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        timeout=request_timeout,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        load_in_4bit=load_in_4bit,
     )
     sampling = Sampling(batch_size, max_new_tokens, temperature, top_p, bootstrap)
     budget = Budget(max_rounds, max_seconds or None, max_tokens)
@@ -537,7 +560,13 @@ def validate(
             )
         n_desc = sum(len(c.descriptors) for c in bank.concepts)
         report.append(
-            {"file": str(f), "ok": True, "concepts": len(bank.concepts), "descriptors": n_desc, "stale_hash": stale}
+            {
+                "file": str(f),
+                "ok": True,
+                "concepts": len(bank.concepts),
+                "descriptors": n_desc,
+                "stale_hash": stale,
+            }
         )
         if not json_:
             out.print(f"{f}: ok ({len(bank.concepts)} concepts, {n_desc} descriptors)")
@@ -612,7 +641,8 @@ def show(
                 c.model_dump(mode="json", exclude={"descriptors"})
                 | {
                     "descriptors": [
-                        d.model_dump(mode="json") | {"example": d.caption("a photo of a dog.", "dog", c.style)}
+                        d.model_dump(mode="json")
+                        | {"example": d.caption("a photo of a dog.", "dog", c.style)}
                         for d in c.descriptors
                         if status is None or d.status == status
                     ]
@@ -652,9 +682,12 @@ def import_(
     form: Annotated[
         str | None, typer.Option("--form", help="prefix|suffix for bare phrases without a '{}' placeholder")
     ] = None,
-    approve_: Annotated[bool, typer.Option("--approve", help="add them approved (default: proposed)")] = False,
+    approve_: Annotated[
+        bool, typer.Option("--approve", help="add them approved (default: proposed)")
+    ] = False,
     caption_style: Annotated[
-        str | None, typer.Option("--caption-style", help="set the concept's caption style: reference|adjective")
+        str | None,
+        typer.Option("--caption-style", help="set the concept's caption style: reference|adjective"),
     ] = None,
     banks_dir: BanksDir = Path("banks"),
     bank: BankOpt = None,
@@ -744,7 +777,8 @@ def preview(
 def audit(
     file: Annotated[Path | None, typer.Argument(help="bank (default: latest)")] = None,
     clip: Annotated[
-        str, typer.Option("--clip", help="open_clip architecture, model-config JSON, or a folder holding both")
+        str,
+        typer.Option("--clip", help="open_clip architecture, model-config JSON, or a folder holding both"),
     ] = "",
     pretrained: Annotated[
         str | None, typer.Option("--pretrained", help="open_clip pretrained tag, or a local .safetensors/.pt")
@@ -763,7 +797,9 @@ def audit(
     clean_threshold: Annotated[
         float, typer.Option("--clean-threshold", help="cosine to the clean caption that counts as no change")
     ] = 0.995,
-    max_images: Annotated[int, typer.Option("--max-images", min=1, help="use at most this many images")] = 500,
+    max_images: Annotated[
+        int, typer.Option("--max-images", min=1, help="use at most this many images")
+    ] = 500,
     reject_duplicates: Annotated[
         bool, typer.Option("--reject-duplicates", help="write a version rejecting all but one per cluster")
     ] = False,
@@ -799,14 +835,23 @@ def audit(
         labels = labels if any(x >= 0 for x in labels) else None
     res = [
         audit_concept(
-            model, c, caption, classes, images=img, labels=labels,
-            dup_threshold=dup_threshold, clean_threshold=clean_threshold,
+            model,
+            c,
+            caption,
+            classes,
+            images=img,
+            labels=labels,
+            dup_threshold=dup_threshold,
+            clean_threshold=clean_threshold,
         )
         for c in chosen
     ]
     if json_:
         report = {
-            "bank": str(doc.path), "clip": model.name, "scale": model.scale, "classes": classes,
+            "bank": str(doc.path),
+            "clip": model.name,
+            "scale": model.scale,
+            "classes": classes,
             "images": None if img is None else int(img.shape[0]),
             "concepts": [r.as_dict() for r in res],
         }

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from descgen.prompts import PROMPTS_DIR
 from descgen.schema import MAX_DESCRIPTOR_CHARS, MAX_DESCRIPTOR_WORDS, PLACEHOLDER, Form
 
 # Rejection reasons, in the order the rules are tried.
@@ -200,7 +201,7 @@ _ADJ_ENDINGS = (
     "id",
 )
 _NOUN_ENDINGS = ("tion", "sion", "ure", "ness", "ment", "ance", "ence", "ity", "ism", "ing", "er")
-QC_VOCAB = Path(__file__).resolve().parent.parent / "prompts" / "qc.yaml"
+QC_VOCAB = PROMPTS_DIR / "qc.yaml"  # package data: prompts/ through descgen/prompt_files
 
 
 @functools.cache

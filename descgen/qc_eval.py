@@ -48,7 +48,8 @@ def load_labels(path: str | Path = DEFAULT_LABELS) -> list[Labelled]:
             parts = [p.strip() for p in str(raw).split("|")]
             if len(parts) != 3 or parts[1] not in ("+", "-") or not parts[0] or not parts[2]:
                 raise ValueError(f"{path}:{line}: expected 'PHRASE | + or - | reason', got {raw!r}")
-            out.append(Labelled(str(concept), parts[0], parts[1] == "+", parts[2], line))
+            # "background@fresh-run-seed-0": more background phrases, from a named source
+            out.append(Labelled(str(concept).split("@")[0], parts[0], parts[1] == "+", parts[2], line))
     return out
 
 

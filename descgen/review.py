@@ -68,7 +68,9 @@ def _todo(
             todo.append((c.name, label, c, None))
         for d in c.descriptors:
             if d.status == status:
-                label = f"{d.id}: [bold]{d.text}[/bold] x{d.count} → {d.apply('a photo of a dog.')}"
+                # the caption the trainer will build, in the concept's caption style
+                shown = d.caption("a photo of a dog.", "dog", c.style)
+                label = f"{d.id}: [bold]{d.text}[/bold] x{d.count} → {shown}"
                 todo.append((d.id, label, c, d))
     return todo
 

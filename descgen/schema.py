@@ -105,7 +105,7 @@ class ModelInfo(_Strict):
     id: str = Field(description="hub id or local path the model was loaded from")
     weights_file: str | None = Field(None, description="weights file name (e.g. the GGUF file)")
     weights_sha256: str | None = Field(
-        None, description="sha256 of the weights file; of the list of every file's sha256 when there are several"
+        None, description="sha256 of the weights file, or of the list of all files and their sha256s"
     )
     base_url: str | None = Field(None, description="OpenAI-compatible server the model was served from")
 

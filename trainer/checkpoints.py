@@ -113,7 +113,7 @@ def clear_run_dir(run_dir: Path) -> None:
     """Before a restart from scratch: drop what an attempt without a saved state left (main process)."""
     for name in ("metrics.jsonl", "metrics.json"):
         (run_dir / name).unlink(missing_ok=True)
-    for path in sorted((run_dir / "checkpoints").glob("*.safetensors")):
+    for path in sorted((run_dir / "checkpoints").glob("*.safetensors*")):  # with a torn .tmp
         path.unlink()
     for name in STATE_DIRS:
         discard(run_dir / name)
@@ -126,15 +126,38 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise NonFiniteError(f"{what}: tensor {name} is not finite")
 
 
+def write_failure(folder: Path, e: Exception | None = None) -> str:
+    """Why a write failed, in a few words: the OSError's, the I/O error safetensors names, or the free
+    space left (torch.save reports a failed write as text only)."""
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    if e is not None and "I/O error: " in str(
+        e
+    ):  # safetensors: '... I/O error: No space left ... (os error 28)'
+        return str(e).split("I/O error: ")[-1].split(" (os error")[0].strip()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "write failed"
+    return f"write failed, {free / 2**20:.1f} MiB free on its disk"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     check_finite(tensors, f"{path}: not written")
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; like any other file here
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:  # a failed write: the old file stays
         tmp.unlink(missing_ok=True)
-        why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
+        why = write_failure(path.parent, e)
         raise WriteError(f"{path}: cannot write ({why}); the previous file is kept") from None
 
 
@@ -160,10 +183,10 @@ def save_state(accelerator, run_dir: Path, meta: dict[str, Any]) -> None:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save, safetensors report a failed write
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # incomplete (no meta.json): the saved state is kept
-        why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
+        why = write_failure(run_dir, e)
         raise WriteError(
             f"{tmp}: cannot save the training state ({why}); the previous state is kept"
         ) from None

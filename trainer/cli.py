@@ -168,8 +168,8 @@ def discover(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="finished run directories")],
     checkpoint: Annotated[
-        str, typer.Option(help="final | best (the checkpoint chosen on ID validation)")
-    ] = "final",
+        str, typer.Option(help="auto (best where a run has it) | best (chosen on ID validation) | final")
+    ] = "auto",
     ood: Annotated[
         str | None, typer.Option(help="comma-separated OOD sets to average (default: every OOD set)")
     ] = None,
@@ -177,8 +177,8 @@ def report(
     md: Annotated[Path | None, typer.Option(help="also write the markdown to a file")] = None,
 ) -> None:
     """Runs as one table in the paper's form (ID, OOD sets, OOD avg, worst and average group); markdown."""
-    if checkpoint not in ("final", "best"):
-        raise typer.BadParameter("must be final or best", param_hint="--checkpoint")
+    if checkpoint not in ("auto", "final", "best"):
+        raise typer.BadParameter("must be auto, final or best", param_hint="--checkpoint")
     try:
         from trainer.report import collect, render_markdown, render_png
 
@@ -204,6 +204,10 @@ def perf(
     workers: Annotated[int, typer.Option(help="DataLoader workers for the loader measurement", min=0)] = 2,
     loader_images: Annotated[int, typer.Option(help="synthetic JPEGs the loader is timed on", min=2)] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student's towers")] = False,
+    grad_checkpointing: Annotated[
+        bool, typer.Option("--grad-checkpointing", help="open_clip's gradient checkpointing")
+    ] = False,
 ) -> None:
     """Step time and peak memory of flyp and starft (reference and optimised), side by side; random init."""
     if device not in ("auto", "cpu", "cuda"):
@@ -213,7 +217,8 @@ def perf(
 
         report = measure(
             model, batch, steps, warmup, threads, device, loader_workers=workers, loader_images=loader_images,
-            log=lambda line: err.print(line, markup=False, highlight=False),
+            log=lambda line: err.print(line, markup=False, highlight=False), compile=compile_,
+            grad_checkpointing=grad_checkpointing,
         )  # fmt: skip
     except USER_ERRORS as e:
         fail(str(e))

@@ -21,26 +21,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer.data import Collate, ImageDataset, ImageSet, head_templates
+from trainer.model import TrimmedText
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
 def zero_shot_head(
-    clip: nn.Module, tokenizer: Callable, classes: list[str], templates: list[Callable]
+    clip: nn.Module, tokenizer: Callable, classes: list[str], templates: list[Callable], accelerator=None
 ) -> torch.Tensor:
-    """(C, D) normalised class embeddings: template-averaged text features of each class name."""
+    """(C, D) normalised class embeddings: template-averaged text features of each class name (the text
+    tower on each batch's longest prompt where exact, in the accelerator's autocast when given)."""
     device = next(clip.parameters()).device
     was_training = clip.training
     clip.eval()
-    weights = build_zero_shot_classifier(
-        clip,
-        tokenizer,
-        classes,
-        templates,
-        num_classes_per_batch=max(1, 1024 // len(templates)),
-        device=device,
-    )  # (D, C)
+    with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+        weights = build_zero_shot_classifier(
+            TrimmedText(clip),
+            tokenizer,
+            classes,
+            templates,
+            num_classes_per_batch=max(1, 1024 // len(templates)),
+            device=device,
+        )  # (D, C)
     clip.train(was_training)
     return weights.T.float().contiguous()
 
@@ -115,6 +118,24 @@ def make_eval_sets(
     return out
 
 
+def cached_head(
+    clip: nn.Module,
+    tokenizer: Callable,
+    classes: list[str],
+    templates: list[Callable],
+    accelerator=None,
+    heads: dict[Any, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`zero_shot_head`, built once per class set and template set in `heads` (one evaluation's: sets that
+    share their prompts, as ImageNet, -Sketch and -V2 do, share one head)."""
+    if heads is None:
+        return zero_shot_head(clip, tokenizer, classes, templates, accelerator)
+    key = (len(classes), tuple(t(c) for c in classes for t in templates))
+    if key not in heads:
+        heads[key] = zero_shot_head(clip, tokenizer, classes, templates, accelerator)
+    return heads[key]
+
+
 @torch.no_grad()
 def evaluate_set(
     clip: nn.Module,
@@ -122,17 +143,21 @@ def evaluate_set(
     es: EvalSet,
     accelerator,
     classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    heads: dict[Any, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Top-1 of `clip` on one set; `classifier` maps normalised image features to logits (default: zero-shot)."""
+    """Top-1 of `clip` on one set; `classifier` maps normalised image features to logits (default: zero-shot,
+    from `heads` when the same prompts were already embedded)."""
     s = es.image_set
     if classifier is None and s.class_map is not None and s.base_classes is not None:
         # the zero-shot head over the training classes this set maps to, projected onto its classes
         used = sorted({i for m in s.class_map for i in m})
         pos = {i: k for k, i in enumerate(used)}
-        head = zero_shot_head(clip, tokenizer, [s.base_classes[i] for i in used], head_templates(s))
+        head = cached_head(
+            clip, tokenizer, [s.base_classes[i] for i in used], head_templates(s), accelerator, heads
+        )
         classifier = projected(lambda f: f.float() @ head.T, [[pos[i] for i in m] for m in s.class_map])
     elif classifier is None:
-        head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
+        head = cached_head(clip, tokenizer, s.classes, head_templates(s), accelerator, heads)
         classifier = lambda f: f.float() @ head.T
     was_training = clip.training
     clip.eval()
@@ -164,12 +189,13 @@ def evaluate_sets(
 ) -> dict[str, dict[str, Any]]:
     """Metrics per set name. A trained `head` (method ft) serves sets whose classes are `head_classes`,
     and, projected, sets whose classes map onto them (`class_map`)."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    heads: dict[Any, torch.Tensor] = {}  # this evaluation's zero-shot heads, by prompts
     for es in sets:
         s, classifier = es.image_set, None
         if head is not None and s.class_map is not None and s.base_classes == head_classes:
             classifier = projected(head, s.class_map)
         elif head is not None and s.classes == head_classes:
             classifier = head  # argmax of the head's logits; its scale does not change the ranking
-        out[es.image_set.name] = evaluate_set(clip, tokenizer, es, accelerator, classifier)
+        out[es.image_set.name] = evaluate_set(clip, tokenizer, es, accelerator, classifier, heads)
     return out

@@ -47,7 +47,7 @@ def load_bank_descriptors(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
     except DescgenError as e:
         raise ConfigError(f"bank: {e}") from None
     try:
-        descriptors = bank.approved(cfg.concepts)
+        descriptors = bank.approved_styled(cfg.concepts)  # (descriptor, its concept's caption style)
     except KeyError as e:
         raise ConfigError(f"bank {cfg.bank}: no concept {e.args[0]!r}") from None
     if not descriptors:
@@ -58,7 +58,7 @@ def load_bank_descriptors(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
         "file_sha256": file_sha256(cfg.bank),  # type: ignore[arg-type]
         "content_hash": bank.compute_hash(),
         "concepts": list(cfg.concepts),
-        "descriptors": [d.id for d in descriptors],
+        "descriptors": [d.id for d, _ in descriptors],
     }
     return descriptors, info
 
@@ -81,19 +81,22 @@ def load_sets(cfg: TrainConfig, index_dir: Path | None = None) -> list[ImageSet]
         default_classes = done[0].classes if has_train and i > 0 else None
         return scan_set(specs[i], default_classes)
 
+    def build(listings: list[Listing]) -> list[ImageSet]:
+        sets = [load_image_set(spec, cfg.templates, listing=ls) for spec, ls in zip(specs, listings)]
+        all_specs = [cfg.data.train, *specs] if stream is not None else specs
+        sets = [stream, *sets] if stream is not None else sets
+        base = sets[0] if sets and (has_train or cfg.data.val is not None) else None
+        for spec, s in zip(all_specs, sets):
+            resolve_class_map(s, None if s is base else base, spec.class_subset)  # type: ignore[union-attr]
+        return sets
+
     if index_dir is None:
         listings: list[Listing] = []
         for i in range(len(specs)):
             listings.append(scan(i, listings))
-    else:
-        listings = indexed_listings(specs, index_dir, scan)
-    sets = [load_image_set(spec, cfg.templates, listing=ls) for spec, ls in zip(specs, listings)]
-    if stream is not None:
-        specs, sets = [cfg.data.train, *specs], [stream, *sets]
-    base = sets[0] if sets and (has_train or cfg.data.val is not None) else None
-    for spec, s in zip(specs, sets):
-        resolve_class_map(s, None if s is base else base, spec.class_subset)
-    return sets
+    else:  # the main process checks everything before it writes the index
+        listings = indexed_listings(specs, index_dir, scan, check=build)
+    return build(listings)
 
 
 def load_inputs(cfg: TrainConfig, index_dir: Path | None = None) -> Inputs:

@@ -92,13 +92,26 @@ def trims_text(clip: nn.Module) -> bool:
     )
 
 
-def text_length(clip: nn.Module, text: torch.Tensor) -> int:
-    """Tokens the batch needs: one past the furthest pooled (end-of-text) position."""
+TEXT_MULTIPLE = 8  # trimmed lengths are rounded up to this: few distinct shapes, and batch splits agree
+
+
+def text_lengths(clip: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """(b,) tokens each row needs: one past its pooled (end-of-text) position, rounded up to
+    `TEXT_MULTIPLE` and at most the context."""
     if clip.text_pool_type == "argmax":
         pooled = text.argmax(dim=-1)
     else:
         pooled = (text == clip.text_eos_id).int().argmax(dim=-1)
-    return int(pooled.max()) + 1 if text.shape[0] else text.shape[1]
+    rounded = (pooled + TEXT_MULTIPLE) // TEXT_MULTIPLE * TEXT_MULTIPLE
+    return rounded.clamp(max=text.shape[1])
+
+
+def text_length(clip: nn.Module, text: torch.Tensor) -> int:
+    """Tokens the batch needs: its longest row's `text_lengths`.
+
+    Rounded up so that a batch and its micro-batches (gradient accumulation) mostly run at one length and
+    compute the same floating-point sums, and a compiled tower sees few shapes."""
+    return int(text_lengths(clip, text).max()) if text.shape[0] else text.shape[1]
 
 
 def encode_text(
@@ -123,6 +136,17 @@ def encode_text(
     if proj is not None:
         h = proj(h) if isinstance(proj, nn.Linear) else h @ proj
     return F.normalize(h, dim=-1) if normalize else h
+
+
+class TrimmedText:
+    """`clip` seen through its text tower only, with `encode_text` trimmed where exact: what open_clip's
+    `build_zero_shot_classifier` calls, so zero-shot heads skip the padding too."""
+
+    def __init__(self, clip: nn.Module):
+        self.clip = clip
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return encode_text(self.clip, text, normalize=normalize)
 
 
 class FineTuner(nn.Module):

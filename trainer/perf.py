@@ -13,8 +13,9 @@ warm-up, each round in a rotated order so the machine's load falls on every row 
   inference mode in the training precision.
 Times are medians (min-max) over the measured rounds; ratios to `flyp` are medians of the per-round ratios
 (interleaved pairs). Peak memory of a row: what it holds (student weights and optimizer state, its teacher,
-its caches) plus the step's high-water mark above that (activations, gradients): `torch.cuda`'s allocator
-on a GPU (bf16 autocast), the process's resident high-water mark on a CPU (float32; /proc/self/clear_refs).
+its caches) plus its warm-up step's high-water mark above that (activations, gradients): `torch.cuda`'s
+allocator on a GPU (bf16 autocast), the process's resident high-water mark on a CPU (float32;
+/proc/self/clear_refs).
 The loader part times the DataLoader over synthetic JPEGs at the run's settings against what the step
 consumes (images/s).
 """
@@ -132,9 +133,17 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
-        if device.type == "cpu":
+        self._mmap_threshold(1 << 16)  # 64 KiB: every tensor of note is mapped, and unmapped when freed
+
+    def _mmap_threshold(self, size: int) -> None:
+        if self.device.type == "cpu":
             with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB, fixed
+                ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD (glibc)
+
+    def done(self) -> None:
+        """Back to what glibc's threshold grows to for tensors (32 MiB) for the timed steps: the heap
+        reuses freed blocks rather than mapping fresh zeroed pages at every allocation."""
+        self._mmap_threshold(32 << 20)
 
     @staticmethod
     def _rss() -> tuple[int, int]:
@@ -156,6 +165,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - start
             return
+        with contextlib.suppress(OSError, AttributeError):  # free heap memory back: reusing it is then seen
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         start, _ = self._rss()
@@ -193,8 +204,11 @@ def measure(
     loader_workers: int | None = 2,
     loader_images: int = 64,
     log: Callable[[str], None] = print,
+    compile: bool = False,
+    grad_checkpointing: bool = False,
 ) -> dict[str, Any]:
-    """Measure every row (see the module docstring); returns the report `--json` writes."""
+    """Measure every row (see the module docstring); returns the report `--json` writes. `compile` and
+    `grad_checkpointing` apply to the student as the config keys of the same names do in a run."""
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(
@@ -205,11 +219,19 @@ def measure(
     clip, _, tokenizer = build_clip(model, None)
     clip = clip.to(dev).train()
     teacher_model = make_teacher(clip)
+    if grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    if compile:  # as trainer.train does: in place, the student's towers
+        clip.visual.compile()
+        clip.transformer.compile()
     size = clip.visual.preprocess_cfg["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size
     count = 2  # distinct batches: the cached row has seen every sample after the warm-up
     batches = [{k: v.to(dev) for k, v in b.items()} for b in synthetic_batches(tokenizer, batch, count, size)]
     table = [r for r in make_rows(clip, teacher_model, batch * count) if r.name in rows]
+    if bf16:  # the student's forward in autocast, as accelerate wraps a prepared model's
+        for m in {id(r.model): r.model for r in table}.values():
+            m.forward = torch.autocast(dev.type, dtype=torch.bfloat16)(m.forward)
     params = [p for p in clip.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)  # tiny: the random init stays sane
     acc = OneDevice(dev, bf16)
@@ -238,9 +260,23 @@ def measure(
             with acc.autocast():
                 for b in batches:
                     row.teacher(b)
-    for _ in range(warmup):
+    for p in params:  # AdamW's state exists before any row is measured: no row pays for creating it
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # The first warm-up round measures each row's peak memory (a step's high-water mark above what is held)
+    peak = PeakMemory(dev)
+    steps_peak: dict[str, int] = {}
+    for w in range(max(1, warmup)):
         for row in table:
-            step(row, batches[0])
+            with peak.measure() if w == 0 else contextlib.nullcontext():
+                step(row, batches[0])
+            steps_peak.setdefault(row.name, peak.peak)
+    peak.done()
+    if compile:  # every text length the measured rounds see is compiled before they start
+        for row in table:
+            for b in batches[1:]:
+                step(row, b)
     load = [os.getloadavg()[0]]
     times: dict[str, list[float]] = {row.name: [] for row in table}
     for r in range(steps):
@@ -250,12 +286,9 @@ def measure(
         load.append(os.getloadavg()[0])
         log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
 
-    peak = PeakMemory(dev)
     held = module_bytes(clip) + optimizer_bytes(optimizer)
     report_rows: dict[str, dict[str, Any]] = {}
     for row in table:
-        with peak.measure():
-            step(row, batches[0])
         own = module_bytes(row.teacher.teacher) + row.teacher.cache_bytes() if row.teacher else 0
         ts = times[row.name]
         report_rows[row.name] = {
@@ -263,7 +296,7 @@ def measure(
             "min_s": min(ts),
             "max_s": max(ts),
             "images_per_s": batch / statistics.median(ts),
-            "peak_mb": (held + own + peak.peak) / 2**20,
+            "peak_mb": (held + own + steps_peak[row.name]) / 2**20,
             "held_mb": (held + own) / 2**20,
         }
 
@@ -289,6 +322,8 @@ def measure(
         "device": str(dev),
         "precision": "bf16" if bf16 else "float32",
         "threads": torch.get_num_threads(),
+        "compile": compile,
+        "grad_checkpointing": grad_checkpointing,
         "steps": steps,
         "load_avg": [round(x, 1) for x in load],
         "text_tokens": {"trimmed": max(lengths), "context": int(batches[0]["caption"].shape[1])},

@@ -4,8 +4,9 @@
 
 Columns: ID (the run's `data.val` set), each OOD set (the other sets without groups), their average, and for
 each set with groups its worst-group and average-group accuracy (the mean over groups), as the StarFT
-paper's tables 2 and 3 report them. A run's numbers are its final model's (`--checkpoint best`: the
-checkpoint chosen on ID validation, where metrics.json has it). A set a run lacks shows as "–".
+paper's tables 2 and 3 report them. A run's numbers are those of its checkpoint chosen on ID validation
+(metrics.json's `best`, what the paper reports) where it has one, else its final model's (`--checkpoint`
+picks one). A set a run lacks shows as "–".
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def _id_set(run_dir: Path) -> str | None:
     return p.stem if p.suffix.lower() == ".csv" else p.name
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "final") -> RunResult:
-    """A run's results from metrics.json (`final`, or `best`: the ID-selected checkpoint's)."""
+def load_run(run_dir: str | Path, checkpoint: str = "auto") -> RunResult:
+    """A run's results from metrics.json: `best` (the ID-selected checkpoint's), `final`, or `auto` (best
+    where the run has it, else final)."""
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir / "metrics.json")
+    if checkpoint == "auto":
+        checkpoint = "best" if (metrics.get("best") or {}).get("results") else "final"
     if checkpoint == "best":
         results = (metrics.get("best") or {}).get("results")
         if not results:
@@ -122,7 +126,7 @@ def make_table(runs: list[RunResult], ood: list[str] | None = None) -> Table:
     return Table(header, rows, list(avg_over))
 
 
-def collect(run_dirs: list[str | Path], checkpoint: str = "final", ood: list[str] | None = None) -> Table:
+def collect(run_dirs: list[str | Path], checkpoint: str = "auto", ood: list[str] | None = None) -> Table:
     return make_table([load_run(d, checkpoint) for d in run_dirs], ood)
 
 

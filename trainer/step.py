@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from trainer.config import TrainConfig
 from trainer.losses import clip_loss
 from trainer.methods import MethodSpec, StepContext
-from trainer.model import encode_text
+from trainer.model import encode_text, text_lengths, trims_text
 
 Tensors = dict[str, torch.Tensor]
 _TOKENS = ("image", "caption", "spurious")  # batch inputs that are not per-sample data a loss reads
+CHUNK = 16  # rows a missing spurious caption is encoded with (a fixed shape: the same bits in any batch)
 
 
 class TeacherFeatures:
@@ -34,7 +35,7 @@ class TeacherFeatures:
 
     The seam every teacher feature goes through, with two caches (both exact):
     - text: the teacher's spurious-caption features depend only on the caption, so each distinct token row
-      is encoded once per run (`cache_text`), on the batch's longest caption (`trim`, trainer.model).
+      is encoded once per run (`cache_text`), cut after its end-of-text token (`trim`, trainer.model).
     - image: with a deterministic train transform (`train_transform: eval`) a sample's image is the same
       every epoch, so `num_samples` turns on a per-sample table keyed by `batch["index"]` (kept on the CPU,
       (num_samples, D)); once every sample is in it the teacher's image tower is released. Without it
@@ -55,6 +56,7 @@ class TeacherFeatures:
         self.text_cache: dict[bytes, torch.Tensor] | None = {} if cache_text else None
         self.images: torch.Tensor | None = None  # (num_samples, D) on the CPU, filled as samples come
         self.have: torch.Tensor | None = None  # (num_samples,) bool
+        self.block = 0  # images a missing sample is encoded with: the first micro-batch's size
         self.counts = {"image_computed": 0, "image_cached": 0, "text_computed": 0, "text_cached": 0}
 
     def __call__(self, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +72,11 @@ class TeacherFeatures:
         return encode_text(self.teacher, tokens, normalize=True, trim=self.trim)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(b, D) teacher features of the token rows; each distinct row encoded once per run when cached."""
+        """(b, D) teacher features of the token rows; each distinct row encoded once per run when cached.
+
+        A missing row is encoded with rows of its own length in a block of a fixed size (`CHUNK`), so its
+        features depend on the caption alone, not on the batch it first came in (a resumed run gets the
+        same bits)."""
         if self.text_cache is None:
             return self._encode_text(tokens)
         keys = [row.tobytes() for row in tokens.cpu().numpy()]
@@ -78,23 +84,38 @@ class TeacherFeatures:
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
             rows = tokens[[first[k] for k in missing]]
-            for key, feat in zip(missing, self._encode_text(rows)):
-                self.text_cache[key] = feat
+            lengths = (
+                text_lengths(self.teacher, rows).tolist() if trims_text(self.teacher) else [0] * len(rows)
+            )
+            for length in sorted(set(lengths)):
+                group = [i for i, n in enumerate(lengths) if n == length]
+                for j in range(0, len(group), CHUNK):
+                    part = group[j : j + CHUNK]
+                    for i, feat in zip(part, self._encode_text(_fixed_block(rows[part], CHUNK))):
+                        self.text_cache[missing[i]] = feat
         self.counts["text_computed"] += len(missing)
         self.counts["text_cached"] += len(keys) - len(missing)
         return torch.stack([self.text_cache[k] for k in keys])
 
     def image_features(self, images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """(b, D) teacher image features; from the per-sample table where the sample is in it."""
+        """(b, D) teacher image features; from the per-sample table where the sample is in it. Missing
+        samples are encoded in blocks of the first micro-batch's size, so their features do not depend on
+        which samples came with them."""
         if self.num_samples is None or index is None:
             self.counts["image_computed"] += images.shape[0]
             return self.teacher.encode_image(images, normalize=True)
         idx = index.cpu()
         if self.have is None:
             self.have = torch.zeros(self.num_samples, dtype=torch.bool)
+            self.block = images.shape[0]
         new = ~self.have[idx]
         if bool(new.any()):
-            feats = self.teacher.encode_image(images[new.to(images.device)], normalize=True)
+            todo, parts = images[new.to(images.device)], []
+            for j in range(0, len(todo), self.block):
+                part = todo[j : j + self.block]
+                encoded = self.teacher.encode_image(_fixed_block(part, self.block), normalize=True)
+                parts.append(encoded[: len(part)])
+            feats = torch.cat(parts)
             if self.images is None:
                 self.images = torch.zeros(self.num_samples, feats.shape[1], dtype=feats.dtype)
             self.images[idx[new]] = feats.to("cpu", self.images.dtype)
@@ -110,6 +131,13 @@ class TeacherFeatures:
         text = sum(t.numel() * t.element_size() for t in (self.text_cache or {}).values())
         table = 0 if self.images is None else self.images.numel() * self.images.element_size()
         return text + table + (0 if self.have is None else self.have.numel())
+
+
+def _fixed_block(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` padded to `size` rows with copies of its first: a fixed shape, whatever the rows."""
+    if len(rows) >= size:
+        return rows
+    return torch.cat([rows, rows[:1].expand(size - len(rows), *rows.shape[1:])])
 
 
 def gather_with_grad(accelerator, *tensors: torch.Tensor) -> list[torch.Tensor]:

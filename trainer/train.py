@@ -3,8 +3,9 @@
     from trainer.config import load_config; from trainer.train import train; run = train(load_config("c.yaml"))
 
 build (inputs checked -> Accelerator -> seed -> model, teacher, data, optimizer -> prepare) -> fit (optional
-load_state + skip_first_batches -> accumulate / backward / step -> evaluate -> save_state) -> finish
-(metrics.json, plots). What a step computes is trainer.step; what a method is, trainer.methods.
+load_state + skip_first_batches -> accumulate / backward / non-finite check / step -> evaluate -> save_state)
+-> finish (metrics.json, plots). What a step computes is trainer.step; what a method is, trainer.methods;
+how a save survives a kill, trainer.checkpoints.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from trainer.checkpoints import check_finite, clear_run_dir, open_run_dir, save_state, save_weights
+from trainer.checkpoints import (
+    check_finite,
+    clear_run_dir,
+    find_state,
+    open_run_dir,
+    save_state,
+    save_weights,
+)
 from trainer.config import TrainConfig
 from trainer.data import Collate, EpochSampler, ImageDataset
-from trainer.errors import ConfigError, DataError, NonFiniteError, WriteError
+from trainer.data.stream import ShardSet, StreamLoader, stream_loader
+from trainer.errors import ConfigError, DataError, NonFiniteError, RunDirError, WriteError
 from trainer.evaluate import EvalSet, evaluate_sets, make_eval_sets, zero_shot_head
 from trainer.inputs import Inputs, load_inputs
 from trainer.model import FineTuner, build_clip, clamp_logit_scale, make_teacher, train_transform
@@ -34,6 +43,7 @@ from trainer.plots import plot_run
 from trainer.runlog import (
     MetricsLog,
     Progress,
+    describe_os_error,
     flat_metrics,
     summary_line,
     versions,
@@ -42,6 +52,7 @@ from trainer.runlog import (
 )
 from trainer.schedules import lam_at, lr_at
 from trainer.step import TeacherFeatures, backward_step
+from trainer.tracking import StepTimer, TrackedLog, start_tracking
 
 
 def new_accelerator(**kwargs: Any) -> Accelerator:
@@ -168,6 +179,11 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
     if cfg.freeze_logit_scale or method.objective == "ce" or freeze_text:
         clip.logit_scale.requires_grad_(False)
     model = FineTuner(clip, head)
+    if cfg.grad_checkpointing:  # open_clip's: recompute each block's activations in the backward
+        clip.set_grad_checkpointing(True)
+    if cfg.compile:  # in place (nn.Module.compile): the module and its state dict keep their names
+        clip.visual.compile()
+        clip.transformer.compile()
     eval_sets = make_eval_sets(
         inputs.eval_sets, preprocess, cfg.eval_batch_size, accelerator, cfg.num_workers
     )
@@ -187,6 +203,8 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
         inputs.spurious,
         extras=state.get("sample_extras"),
         augment_seed=cfg.seed if augment else None,
+        source=cfg.data.train.path if inputs.train.layout == "csv" else None,  # read errors name its line
+        on_bad_image=cfg.on_bad_image,
     )
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(
@@ -195,7 +213,7 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
         sampler=sampler,
         drop_last=True,
         collate_fn=Collate(tokenizer),
-        num_workers=cfg.num_workers,
+        **cfg.loader_options(accelerator.device.type == "cuda"),
     )
     steps_per_epoch = len(dataset) // micro // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -204,8 +222,18 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
         )
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     run.model, run.optimizer, run.loader = accelerator.prepare(model, optimizer, loader)
+    if isinstance(inputs.train, ShardSet):  # streamed: each process reads its own shards (not prepared)
+        run.loader = stream_loader(
+            inputs.train, train_transform(clip) if augment else preprocess, cfg.caption, inputs.spurious,
+            Collate(tokenizer), accelerator, micro, cfg.seed, cfg.num_workers, cfg.seed if augment else None,
+        )  # fmt: skip
+        steps_per_epoch = len(run.loader) // cfg.grad_accum
     if teacher_model is not None:  # frozen: no DDP, no optimizer
-        run.teacher = TeacherFeatures(teacher_model.to(accelerator.device))
+        # exact caches: each spurious caption's features once a run; each image's when it never changes
+        table = len(dataset) if cfg.teacher_cache and not augment else None
+        run.teacher = TeacherFeatures(
+            teacher_model.to(accelerator.device), table, cache_text=cfg.teacher_cache
+        )
     run.sampler, run.dataset, run.steps_per_epoch = sampler, dataset, steps_per_epoch
     run.total = cfg.total_steps or cfg.epochs * steps_per_epoch
     run.epochs = math.ceil(run.total / steps_per_epoch)
@@ -216,7 +244,7 @@ def write_run_files(run: Run, resume: bool) -> None:
     """config.yaml and run.json (bank provenance, scales, processes, precision, versions)."""
     cfg, acc, run_dir = run.cfg, run.accelerator, run.run_dir
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=resume)
+        run_dir.mkdir(parents=True, exist_ok=True)  # open_run_dir refused an existing one; index/ made it
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         summary = run.state.get("summary")
@@ -284,7 +312,7 @@ def fit(run: Run, log: MetricsLog, resume_meta: dict[str, Any] | None) -> dict[s
     a row. A stopped run's metrics.json says `complete: false` and why (`stopped`), without `final`."""
     cfg, acc = run.cfg, run.accelerator
     step, best = 0, {"step": None, "val_top1": None}
-    skips = {"skipped": 0, "in_a_row": 0}
+    skips = {"skipped": 0, "in_a_row": 0, "bad_images": 0}  # counts a resume carries on
     if resume_meta is not None:
         acc.load_state(resume_meta["state_dir"])
         step, best = resume_meta["step"], resume_meta["best"]
@@ -296,9 +324,10 @@ def fit(run: Run, log: MetricsLog, resume_meta: dict[str, Any] | None) -> dict[s
     try:
         fit_loop(run, log, state, progress)
     except NonFiniteError as e:
-        stopped = f"{run.run_dir}: {e}; stopped, the last saved state and checkpoints are kept"
-        if cfg.nonfinite == "stop":
-            stopped += " (nonfinite: skip skips such steps)"
+        saved = find_state(run.run_dir)
+        kept = f"the state saved at step {saved[1]['step']} is kept" if saved else "no state was saved yet"
+        hint = "; nonfinite: skip would skip such steps" if cfg.nonfinite == "stop" else ""
+        stopped = f"{run.run_dir}: {e}; stopped ({kept}, checkpoints unchanged{hint})"
         state.update(stopped=stopped, results=None)
     finally:
         progress.close()
@@ -313,6 +342,7 @@ def fit(run: Run, log: MetricsLog, resume_meta: dict[str, Any] | None) -> dict[s
         "best": state["best"],
         **({"final": state["results"]} if "stopped" not in state else {"stopped": state["stopped"]}),
         **({"skipped_steps": state["skipped"]} if state["skipped"] else {}),
+        **({"bad_images": state["bad_images"]} if state["bad_images"] else {}),  # on_bad_image: skip
         "seconds": round(time.time() - t0, 2),
         "cpu_seconds": round(time.process_time() - c0, 2),  # this process, all its threads
     }
@@ -329,21 +359,25 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
     def checkpoint() -> None:
         check_finite(dict(unwrapped.named_parameters()), f"step {step}: the weights")
         meta = {"step": step, "best": state["best"], "config_hash": cfg.hash()}
-        save_state(acc, run.run_dir, {**meta, "skipped": state["skipped"], "in_a_row": state["in_a_row"]})
+        counts = {k: state[k] for k in ("skipped", "in_a_row", "bad_images")}
+        save_state(acc, run.run_dir, {**meta, **counts})
 
     stop_at = min(run.total, cfg.max_steps) if cfg.max_steps else run.total
     task = progress.add(f"{cfg.method} {run.run_dir.name}", run.total, step)
     model.train()
+    timer = StepTimer(cfg.batch_size, step)
     while step < stop_at:
         epoch = step // spe
         done_in_epoch = step - epoch * spe
         run.loader.set_epoch(epoch)  # the sampler's epoch: accelerate's loader would otherwise reset it
         batches = run.loader
-        if done_in_epoch:  # a resume inside an epoch: the same order, its first batches skipped
+        if done_in_epoch and isinstance(run.loader, StreamLoader):  # resumes at a shard boundary
+            batches = run.loader.resume(done_in_epoch * cfg.grad_accum)
+        elif done_in_epoch:  # a resume inside an epoch: the same order, its first batches skipped
             batches = acc.skip_first_batches(run.loader, done_in_epoch * cfg.grad_accum)
             batches.set_epoch(epoch)
         micro: list[dict[str, torch.Tensor]] = []
-        for batch in batches:
+        for batch in timer.wrap(batches):
             micro.append(batch)
             if len(micro) < cfg.grad_accum:
                 continue
@@ -351,6 +385,8 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
             terms = backward_step(
                 model, micro, method, cfg, acc, run.teacher, run.kl_scale, lam, step, epoch, run.state
             )
+            if "bad_image" in micro[0]:  # on_bad_image: skip; the dataset warned of each
+                state["bad_images"] += int(acc.reduce(sum(b["bad_image"].sum() for b in micro), "sum"))
             micro = []
             bad = agree(acc, nonfinite_term(terms, grad_norm(run)))
             lr = lr_at(step, cfg, run.total)
@@ -378,6 +414,7 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
                 if step % cfg.log_every == 0 or step == stop_at:
                     scale = float(unwrapped.clip.logit_scale.exp().item())
                     row = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "lam": lam, **reduced}
+                    row.update(timer.read(step))  # samples_per_s, data_wait (share of time waiting for data)
                     log.write({**row, "logit_scale": scale})
                 progress.update(task, step, f"loss {reduced['loss']:.4f}")
             # inside an epoch; an epoch's end saves after its evaluation, below
@@ -427,17 +464,22 @@ def finish(run: Run, final: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Fine-tune (or only evaluate, method zeroshot) as `cfg` says; returns the run directory."""
     set_threads(cfg)
-    inputs = load_inputs(cfg)
-    run_dir, resume_meta = open_run_dir(cfg, resume)
-    run = build(cfg, inputs, run_dir)
     try:
+        run_dir, resume_meta = open_run_dir(cfg, resume)
+    except RunDirError:
+        load_inputs(cfg)  # a bad input is reported before the run dir's state (and nothing is written)
+        raise
+    try:
+        inputs = load_inputs(cfg, index_dir=run_dir / "index")  # each set listed once a run, reused on resume
+        run = build(cfg, inputs, run_dir)
         if resume and resume_meta is None and run.accelerator.is_main_process:
             print(
                 f"note: {run_dir}: no saved state to resume; starting the run from scratch", file=sys.stderr
             )
             clear_run_dir(run_dir)
         write_run_files(run, resume)
-        log = MetricsLog(run_dir / "metrics.jsonl", run.accelerator.is_main_process)
+        tracking = start_tracking(run.accelerator, cfg, run_dir)  # log_with: none by default
+        log = TrackedLog(run_dir / "metrics.jsonl", run.accelerator.is_main_process, tracking)
         if inputs.method.objective == "none":
             results = run.evaluate()
             log.write({"kind": "eval", "step": 0, "epoch": 0, **flat_metrics(results)})
@@ -445,8 +487,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else:
             final = fit(run, log, resume_meta)
         finish(run, final)
-    except OSError as e:  # a write the helpers did not name (they raise WriteError themselves)
-        raise WriteError(f"{e.filename or run_dir}: cannot write ({e.strerror or e})") from None
+    except OSError as e:  # e.g. the runs dir unwritable; the helpers name the files they write themselves
+        raise WriteError(f"{e.filename or run_dir}: {describe_os_error(e)}") from None
     if "stopped" in final:
         raise NonFiniteError(final["stopped"])
     return run_dir

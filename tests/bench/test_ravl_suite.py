@@ -185,3 +185,114 @@ def test_cli_ravl_suite_takes_set_seeds_and_steps_and_refuses_the_rest(tmp_path)
     ):
         res = CliRunner().invoke(app, [*args, *extra])
         assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+
+
+def test_paper_setting_config_loads_with_the_papers_regime():
+    """bench/configs/ravl-paper.yaml: λ 0.8, τ 0.07, lr 5e-5, batch 128, summed region loss, RoI, locked text,
+    early stopping on a val split, the paper's learned criterion, both clusterings."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parents[2] / "bench" / "configs" / "ravl-paper.yaml"
+    cfg = RavlSuiteConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert (cfg.ravl_lam, cfg.ravl_tau, cfg.lr, cfg.batch_size) == (0.8, 0.07, 5e-5, 128)
+    assert cfg.ravl_reduction == "sum" and cfg.region_mode == "roi" and cfg.lock_text
+    assert cfg.val_images > 0 and cfg.epochs and cfg.learned == "paper"
+    assert cfg.clusterings == ("fasterpam", "alternate")
+    assert {"flyp", "ravl", "upsampled"} <= set(cfg.methods)
+
+
+def test_paper_learned_criterion_needs_both_gaps_above_10_for_every_seed():
+    from bench.ravl_suite import mark_paper_learned
+
+    def row(c, e1, e2):
+        return {"class": c, "strength": 0.95, "gap_class": e1, "gap_others": e2}
+
+    rows = [row("three", 12, 11), row("three", 30, 10.5), row("eight", 12, 11), row("eight", 40, 10.0)]
+    mark_paper_learned(rows)
+    assert [r["learned_paper"] for r in rows] == [True, True, False, False]  # 10.0 is not above 10
+
+
+def test_rule_counts_a_setting_without_ravl_as_no_difference():
+    from bench.ravl_suite import rule_difference
+
+    def m(wg):
+        return {"image_wg": wg}
+
+    base = {"p_at_10": 0.0, "gap_others": 0.0, "learned": False}
+    settings = [
+        {**base, "methods": {"flyp": m(50.0), "ravl": m(60.0)}},
+        {**base, "methods": {"flyp": m(40.0), "ravl": m(42.0)}},
+        {**base, "methods": {"flyp": m(70.0), "ravl": None}},  # no feature found: RaVL = plain fine-tuning
+    ]
+    assert rule_difference(settings) == 4.0
+    assert summarize(settings, ["flyp", "ravl"])["rule_ravl_minus_flyp_image_wg"] == 4.0
+
+
+def test_tiny_paper_setting_early_stops_and_runs_every_row(tmp_path, monkeypatch):
+    """The paper setting's machinery at a tiny size: ID val split, best checkpoint, both clusterings'
+    P@10, and the ravl, VL-ERM and VL-GDRO rows (the latter two on the upsampled set). A tiny model rarely
+    learns anything, so each report's first cluster is made its top feature."""
+    import yaml
+
+    from bench import ravl_suite
+    from trainer.ravl.discover import Feature, load_report, save_report
+
+    real = ravl_suite._report
+
+    def with_feature(*args):
+        path = real(*args)
+        report = load_report(path)
+        if not report.features:
+            c = report.regions[0].cluster
+            ids = [r.id for r in report.regions if r.cluster == c]
+            feature = Feature(rank=0, cluster=c, gap_score=0.1, influence=0.5, region_ids=ids)
+            save_report(report.model_copy(update={"features": [feature]}), path)
+        return path
+
+    monkeypatch.setattr(ravl_suite, "_report", with_feature)
+    cfg = RavlSuiteConfig(
+        split="val",
+        classes=(3,),
+        seeds=(0,),
+        n_train=48,
+        n_discover=30,
+        n_test=30,
+        epochs=2,
+        val_images=24,
+        batch_size=16,
+        warmup_steps=1,
+        lr=5e-5,
+        ravl_lam=0.8,
+        ravl_reduction="sum",
+        lock_text=True,
+        learned="paper",
+        methods=("flyp", "ravl", "upsampled", "vl_erm", "vl_gdro"),
+        clusterings=("fasterpam", "alternate"),
+        pretrain=QuadPretrainConfig(n_images=64, steps=3, batch_size=16, warmup_steps=1),
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+        progress=False,
+    )
+    res = run_ravl_suite(cfg)
+    (row,) = res["settings"]
+    assert 0.0 <= row["p_at_10_alternate"] <= 1.0 and row["n_features_alternate"] == 1
+    assert "p_at_10_alternate_all" in res["summary"] and row["learned"] == row["learned_paper"]
+    runs = tmp_path / "out" / "val" / "runs"
+    flyp = next(runs.glob("*-flyp-*"))
+    assert (flyp / "checkpoints" / "best.safetensors").is_file()  # early stopping on the val split
+    metrics = json.loads((flyp / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"val"} and row["methods"]["flyp"]["best_step"] == metrics["best"]["step"]
+    reports = sorted(p.name for p in (tmp_path / "out" / "val" / "reports").iterdir())
+    assert [n.split("-flyp-")[1][9:] for n in reports] == ["roi", "roi-alternate"]
+    for m in ("ravl", "upsampled", "vl_erm", "vl_gdro"):
+        v = row["methods"][m]
+        assert v["image_wg"] <= min(v["class_without"], v["others_with"], v["image_acc"])
+    ravl = yaml.safe_load((next(runs.glob("*-ravl-*")) / "config.yaml").read_text())
+    assert ravl["method_options"]["reduction"] == "sum" and ravl["method_options"]["lam"] == 0.8
+    for m, loss in (("vl_erm", "erm"), ("vl_gdro", "gdro")):
+        run = yaml.safe_load((next(runs.glob(f"*-{m}-*")) / "config.yaml").read_text())
+        assert run["method"] == "ravl" and run["method_options"]["loss"] == loss
+        assert run["data"]["train"]["path"].endswith("-upsampled.csv")  # the weighted (upsampled) sampler

@@ -215,6 +215,7 @@ def test_reject_duplicates_writes_a_new_version(models, bank):
     "args, message",
     [
         (["--clip", "/nonexistent/model.json"], "no such model config"),
+        (["--clip", "/nonexistent/folder"], "no such model folder"),
         (["--clip", "no-such-arch"], "cannot build CLIP model"),
         (["--clip", "{models}/model.json", "--pretrained", "/nope.safetensors"], "no such weights file"),
         (["--clip", "{models}", "--images", "/nonexistent"], "not a folder of images"),

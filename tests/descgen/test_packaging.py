@@ -82,11 +82,6 @@ def test_wheel_installs_with_prompts_and_runs_from_anywhere(installed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="descgen/qc.py reads QC_VOCAB from <site-packages>/prompts/qc.yaml, outside the package: "
-    "it should use descgen.prompts.PROMPTS_DIR / 'qc.yaml' (the file is in the wheel)",
-)
 def test_installed_qc_rules_load_from_the_package(installed):
     py, _, work = installed
     _sh(py, "-c", "from descgen.qc import load_vocab; assert load_vocab()['concepts']", cwd=work)

@@ -110,3 +110,82 @@ def test_the_optimised_step_gives_the_plain_steps_losses_and_gradients(tiny_clip
 
 def torch_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def test_sets_that_share_their_prompts_share_one_zero_shot_head(tiny_clip, image_data, monkeypatch):
+    import trainer.evaluate as ev
+    from trainer.config import DataSpec
+    from trainer.data import load_image_set
+
+    def spec(name: str, path: str, classes: str) -> DataSpec:
+        return DataSpec(path=str(image_data[path]), classes=str(image_data[classes]), name=name)
+
+    sets = [
+        load_image_set(spec("val", "val", "classes_a"), "simple"),
+        load_image_set(spec("val_again", "val", "classes_a"), "simple"),  # ImageNet-V2's case: same prompts
+        load_image_set(spec("groups_b", "groups_b", "classes_b"), "simple"),
+    ]
+    clip, preprocess, tokenizer = build_clip(str(tiny_clip), None)
+    built: list[list[str]] = []
+    real = ev.zero_shot_head
+
+    def spy(clip, tokenizer, classes, templates, accelerator=None):
+        built.append(list(classes))
+        return real(clip, tokenizer, classes, templates, accelerator)
+
+    monkeypatch.setattr(ev, "zero_shot_head", spy)
+    eval_sets = ev.make_eval_sets(sets, preprocess, 16, None)
+    cached = ev.evaluate_sets(clip, tokenizer, eval_sets)
+    assert built == [sets[0].classes, sets[2].classes]  # one head per prompt set, each evaluation
+    ev.evaluate_sets(clip, tokenizer, eval_sets)
+    assert len(built) == 4  # a new evaluation embeds again: the text tower may have changed since
+    alone = {es.image_set.name: ev.evaluate_set(clip, tokenizer, es, None) for es in eval_sets}
+    assert cached == alone
+
+
+def test_the_zero_shot_head_on_trimmed_prompts_equals_open_clips(tiny_clip):
+    from open_clip import build_zero_shot_classifier
+
+    from trainer.data import load_templates
+    from trainer.evaluate import zero_shot_head
+
+    clip, _, tokenizer = build_clip(str(tiny_clip), None)
+    classes, templates = ["tench", "great white shark", "cat"], load_templates("openai")[:5]
+    ref = build_zero_shot_classifier(clip.eval(), tokenizer, classes, templates).T
+    assert (zero_shot_head(clip, tokenizer, classes, templates) - ref).abs().max() < 1e-5
+
+
+def test_a_run_with_the_teacher_caches_ends_where_the_run_without_them_ends(tiny_config, monkeypatch):
+    from safetensors.torch import load_file
+
+    import trainer.train as train_mod
+
+    made: list[TeacherFeatures] = []
+    real = train_mod.TeacherFeatures
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(train_mod, "TeacherFeatures", spy)
+    base = ["method=starft", "train_transform=eval", "epochs=2", "eval_every=2"]
+    cached = train_mod.train(build_config(tiny_config, [*base, "name=cached"]))
+    plain = train_mod.train(build_config(tiny_config, [*base, "name=plain", "teacher_cache=false"]))
+    assert made[0].counts["image_computed"] == 32 and made[0].counts["image_cached"] == 32  # 2 epochs of 32
+    assert made[1].counts["image_computed"] == 64 and made[1].text_cache is None
+    a = load_file(str(cached / "checkpoints" / "last.safetensors"))
+    b = load_file(str(plain / "checkpoints" / "last.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-5, name
+
+
+def test_a_cached_caption_has_the_same_bits_whatever_batch_it_first_came_in(tiny_clip):
+    _, teacher, tokenizer = _setup(tiny_clip)
+    batches = _batches(tokenizer, seed=0)
+    one, two = TeacherFeatures(teacher), TeacherFeatures(teacher)
+    one(batches[0])
+    two(batches[1])  # another batch first: another company for the captions the two share
+    one(batches[1])
+    two(batches[0])
+    assert one.text_cache.keys() == two.text_cache.keys()
+    assert all(torch.equal(one.text_cache[k], two.text_cache[k]) for k in one.text_cache)

@@ -34,6 +34,7 @@ from trainer.ravl.discover import (
     discover_from_arrays,
     feature_images,
     influence_score,
+    kmedoids_pp_init,
     load_report,
     performance_gaps,
     precision_at_k,
@@ -181,6 +182,41 @@ def test_cluster_regions_picks_k_by_silhouette_and_subsamples():
     labels2, _medoids2, k2, _ = cluster_regions(x, range(2, 8), seed=0, max_regions=60, n_cpu=1)
     assert k2 == 4 and len(labels2) == 200
     assert all(len(set(labels2[truth == t])) == 1 for t in range(4))
+
+
+def _four_blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(16, 16)))[0][:4]
+    return np.repeat(centres, 50, axis=0) + 0.05 * rng.normal(size=(200, 16)), np.repeat(np.arange(4), 50)
+
+
+def test_kmedoids_pp_init_is_seeded_distinct_and_spread():
+    x, truth = _four_blobs()
+    diss = np.clip(1.0 - x @ x.T, 0.0, None)
+    a, b = kmedoids_pp_init(diss, 4, seed=0), kmedoids_pp_init(diss, 4, seed=0)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 4
+    assert sorted(truth[a].tolist()) == [0, 1, 2, 3]  # D² seeding puts one medoid in each blob
+    assert not np.array_equal(kmedoids_pp_init(diss, 4, seed=1), a)
+    many = kmedoids_pp_init(diss, 150, seed=0)  # more medoids than blobs: still distinct
+    assert len(set(many.tolist())) == 150
+
+
+def test_alternate_clustering_is_the_references_option():
+    """RaVL's clustering (alternating k-medoids from k-medoids++, seed 0) beside FasterPAM: same blobs,
+    same k by silhouette; the report records which one made it."""
+    x, truth = _four_blobs()
+    labels, medoids, k, sil = cluster_regions(x, range(2, 8), seed=0, n_cpu=1, method="alternate")
+    assert k == 4 and len(medoids) == 4
+    assert all(len(set(labels[truth == t])) == 1 for t in range(4))
+    again = cluster_regions(x, range(2, 8), seed=0, n_cpu=1, method="alternate")
+    assert np.array_equal(again[0], labels) and again[3] == sil
+    with pytest.raises(ValueError, match="clustering"):
+        cluster_regions(x, range(2, 8), method="pam")
+    emb, img, y, iprobs, rprobs, types = planted(0)
+    cfg = DiscoverConfig(n_cpu=1, clustering="alternate")
+    report = discover_from_arrays(emb, img, y, iprobs, rprobs, ["a", "b", "c"], cfg)
+    assert report.config.clustering == "alternate" and report.features
+    assert all(types[r] == RECT for r in report.features[0].region_ids)
 
 
 def test_report_roundtrip_and_region_assignment(tmp_path):

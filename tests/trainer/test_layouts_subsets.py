@@ -98,3 +98,18 @@ def test_zero_shot_head_of_a_subset_uses_the_training_classes(tmp_path, image_da
     plain = load_image_set(DataSpec(path=str(path), classes=["circle", "triangle"], name="plain"), "simple")
     m = evaluate_sets(model, tokenizer, make_eval_sets([mapped, plain], preprocess, 8, None))
     assert m["mapped"] == m["plain"]
+
+
+def test_objectnet_border_is_cropped_before_the_preprocess(tmp_path):
+    from PIL import Image
+
+    from tests.trainer.test_layouts import make_objectnet_tree
+    from trainer.evaluate import CropBorder
+
+    im = Image.new("RGB", (12, 10), (255, 0, 0))
+    im.paste((0, 0, 255), (1, 1, 11, 9))  # a 1-pixel red border around blue
+    cropped = CropBorder(1, lambda x: x)(im)
+    assert cropped.size == (10, 8) and cropped.getcolors() == [(80, (0, 0, 255))]
+    s = load_image_set(DataSpec(path=str(make_objectnet_tree(tmp_path / "on")), layout="objectnet"), "simple")
+    es = make_eval_sets([s], lambda x: x, 8, None)[0]
+    assert isinstance(es.loader.dataset.transform, CropBorder) and es.loader.dataset.transform.pixels == 1

@@ -56,7 +56,18 @@ def test_report_table_markdown_and_png(tmp_path):
         {"waterbirds": [45, 95]},
     )
     png = tmp_path / "out" / "table.png"
-    r = runner.invoke(app, ["report", str(a), str(b), "--png", str(png), "--md", str(tmp_path / "t.md")])
+    args = [
+        "report",
+        str(a),
+        str(b),
+        "--checkpoint",
+        "final",
+        "--png",
+        str(png),
+        "--md",
+        str(tmp_path / "t.md"),
+    ]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert (
@@ -68,10 +79,17 @@ def test_report_table_markdown_and_png(tmp_path):
     assert (tmp_path / "t.md").read_text() == r.stdout
     with Image.open(png) as im:
         assert im.size[0] > 300 and im.size[1] > 50
-    r = runner.invoke(app, ["report", str(a), "--ood", "imagenet-r"])
+    r = runner.invoke(app, ["report", str(a), "--ood", "imagenet-r", "--checkpoint", "final"])
     assert r.exit_code == 0 and "| flyp | flyp | 80.00 | 70.00 | 50.00 | 70.00 |" in r.stdout
-    r = runner.invoke(app, ["report", str(a), "--checkpoint", "best"])
-    assert r.exit_code == 0 and "| flyp | flyp | 1.00 |" in r.stdout
+    for how in ("best", "auto"):  # auto: the ID-selected checkpoint where the run has one
+        r = runner.invoke(app, ["report", str(a), "--checkpoint", how])
+        assert r.exit_code == 0 and "| flyp | flyp | 1.00 |" in r.stdout
+    del_best = json.loads((a / "metrics.json").read_text())
+    del del_best["best"]
+    (a / "metrics.json").write_text(json.dumps(del_best))
+    r = runner.invoke(app, ["report", str(a)])
+    assert r.exit_code == 0 and "| flyp | flyp | 80.00 |" in r.stdout
+    assert runner.invoke(app, ["report", str(a), "--checkpoint", "best"]).exit_code == 1
 
 
 def test_report_errors_are_one_line(tmp_path):

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CLIP
-from trainer.model import FineTuner, build_clip, encode_text, text_length, trims_text
+from trainer.model import (
+    TEXT_MULTIPLE,
+    FineTuner,
+    build_clip,
+    encode_text,
+    text_length,
+    text_lengths,
+    trims_text,
+)
 
 # ViT-B-32's text tower (12 layers, width 512, 77 tokens) under a small image tower: the shape that matters
 # here, at random init and in a second.
@@ -63,12 +71,15 @@ def test_trimmed_text_features_and_gradients_equal_open_clips_encode_text(tmp_pa
         assert (grads[name] - g).abs().max() <= 1e-5 * g.abs().max().clamp_min(1), name
 
 
-def test_the_cut_is_one_past_the_furthest_end_of_text_token(tmp_path):
+def test_the_cut_covers_the_furthest_end_of_text_token_rounded_up_to_a_multiple(tmp_path):
     clip, tokenizer = _model(tmp_path, TINY_CLIP, "tiny")
     tokens = tokenizer(CAPTIONS)
     eot = tokens.argmax(dim=-1)
-    assert text_length(clip, tokens) == int(eot.max()) + 1
-    assert text_length(clip, tokens[:1]) == int(eot[0]) + 1 < text_length(clip, tokens)
+    up = [min(-(-(int(e) + 1) // TEXT_MULTIPLE) * TEXT_MULTIPLE, tokens.shape[1]) for e in eot]
+    assert text_lengths(clip, tokens).tolist() == up and text_length(clip, tokens) == max(up)
+    assert text_length(clip, tokens[3:]) < text_length(clip, tokens)  # "x": a short caption, a short cut
+    long = tokenizer(["word " * 40])  # past the context: the whole context
+    assert text_length(clip, long) == long.shape[1] == 32
 
 
 def test_towers_where_trimming_is_not_exact_run_the_full_context(tmp_path):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -159,3 +160,81 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TWO_PROCESS_SCRIPT = r"""
+import json, sys
+import torch
+import trainer.data.stream as stream
+from trainer.config import load_config
+from trainer.train import train
+
+torch.set_num_threads(1)
+out = sys.argv[2]
+seen = []
+original = stream.StreamLoader.__iter__
+
+
+def recording(self):  # every batch a process trains on, with its epoch
+    for batch in original(self):
+        seen.append({"epoch": self.stream.epoch, "index": batch["index"].tolist()})
+        yield batch
+
+
+stream.StreamLoader.__iter__ = recording
+train(load_config(sys.argv[1]))
+from accelerate import PartialState
+
+with open(f"{out}.rank{PartialState().process_index}.json", "w") as f:
+    json.dump(seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_shards_seeing_every_sample_once_an_epoch(tmp_path, tiny_clip, image_data):
+    """`trainer run` on 2 CPU processes from 4 shards x 8: each epoch, the 32 samples exactly once."""
+    from ruamel.yaml import YAML
+
+    from tests.trainer.test_distributed import _env
+
+    shards = make_shards(tmp_path / "shards", 4, 8, sizes=True)
+    cfg = {
+        "name": "wds",
+        "runs_dir": str(tmp_path / "runs"),
+        "method": "flyp",
+        "model": str(tiny_clip),
+        "templates": "simple",
+        "batch_size": 8,
+        "epochs": 2,
+        "lr": 1e-4,
+        "warmup_steps": 1,
+        "eval_batch_size": 8,
+        "threads": 1,
+        "progress": False,
+        "data": {
+            "train": {"path": str(shards), "layout": "webdataset", "classes": CLASSES_A},
+            "val": {"path": str(image_data["val"]), "classes": str(image_data["classes_a"]), "name": "val"},
+        },
+    }
+    with (tmp_path / "c.yaml").open("w") as f:
+        YAML(typ="safe", pure=True).dump(cfg, f)
+    (tmp_path / "script.py").write_text(TWO_PROCESS_SCRIPT)
+    cmd = [
+        str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(tmp_path / "script.py"), str(tmp_path / "c.yaml"), str(tmp_path / "seen"),
+    ]  # fmt: skip
+    env = dict(_env(), ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "wds" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["step"] == 8  # 4 steps of 8 an epoch, 2 epochs
+    per_epoch: dict[int, list[int]] = {0: [], 1: []}
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"seen.rank{rank}.json").read_text())
+        assert [len(r["index"]) for r in rows] == [4] * 8  # each process: its half of every global batch
+        for r in rows:
+            per_epoch[r["epoch"]] += r["index"]
+    for epoch, idx in per_epoch.items():
+        assert sorted(idx) == list(range(32)), epoch  # every sample exactly once an epoch
+    assert per_epoch[0] != per_epoch[1]

@@ -25,23 +25,26 @@ RANDOM_WORDS = tuple(_WORDS.split())
 class SpuriousCaptions:
     """Draws S_i for a caption: a bank descriptor (uniform), the clean caption, or random words.
 
-    The draw depends only on (seed, epoch, sample index), so it is the same with any number of processes
-    and after a resume.
+    `descriptors` are (Descriptor, caption style) pairs, as `Bank.approved_styled` gives them, or bare
+    Descriptors (reference style). A descriptor goes into the caption through descgen's own injection
+    (`Descriptor.caption`), so `descgen preview` shows exactly what the trainer trains on. The draw depends
+    only on (seed, epoch, sample index), so it is the same with any number of processes and after a resume.
     """
 
     def __init__(self, mode: str, seed: int, descriptors: Sequence[Any] = (), words: Sequence[str] = ()):
         if mode == "bank" and not descriptors:
             raise DataError("no approved descriptors to draw spurious captions from")
         self.mode, self.seed = mode, seed
-        self.descriptors = list(descriptors)
+        self.descriptors = [d if isinstance(d, tuple) else (d, "reference") for d in descriptors]
         self.words = list(words) or list(RANDOM_WORDS)
 
-    def __call__(self, caption: str, epoch: int, index: int) -> str:
+    def __call__(self, caption: str, epoch: int, index: int, classname: str | None = None) -> str:
         if self.mode == "none":
             return caption
         rng = random.Random(f"{self.seed}-{epoch}-{index}")
         if self.mode == "bank":
-            return self.descriptors[rng.randrange(len(self.descriptors))].apply(caption)
+            descriptor, style = self.descriptors[rng.randrange(len(self.descriptors))]
+            return descriptor.caption(caption, classname, style)
         k = rng.randint(1, 3)
         return (
             caption.strip().rstrip(".").rstrip()

@@ -84,6 +84,9 @@ class IntColumn(_Column):
     def __iter__(self) -> Iterator[int]:
         return iter(self.values.tolist())
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return np.asarray(self.values, dtype=dtype)  # numpy / torch.as_tensor read the array directly
+
 
 class GroupColumn(_Column):
     """Group names as codes into `names` (-1: no group); `col[i]` is a name or None."""

@@ -23,7 +23,7 @@ import numpy as np
 from trainer.config import DataSpec
 from trainer.data.columns import GroupColumn, IntColumn, PathColumn
 from trainer.data.sets import Listing
-from trainer.errors import DataError, TrainerError
+from trainer.errors import DataError, TrainerError, WriteError
 
 FORMAT = 1
 
@@ -106,13 +106,16 @@ def process_state():
 
 
 def indexed_listings(
-    specs: Sequence[DataSpec], index_dir: Path, scan: Callable[[int, list[Listing]], Listing]
+    specs: Sequence[DataSpec],
+    index_dir: Path,
+    scan: Callable[[int, list[Listing]], Listing],
+    check: Callable[[list[Listing]], object] | None = None,
 ) -> list[Listing]:
     """The listings of `specs`, scanned once into `index_dir` by the main process: `scan(i, done)` lists
-    the i-th given the listings before it.
+    the i-th given the listings before it; `check(listings)` validates them all before anything is written.
 
     Reuses an entry already there (a resumed run). Every process must call this; an error on the main
-    process reaches the others, and the index folder it created is removed again.
+    process reaches the others, and nothing is left written.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -122,19 +125,27 @@ def indexed_listings(
     error: BaseException | None = None
     if state.is_main_process:
         created = [p for p in (index_dir.parent, index_dir) if not p.exists()]
+        written: list[Path] = []
         try:
             done: list[Listing] = []
+            fresh: list[bool] = []
             for i, spec in enumerate(specs):
-                folder = index_dir / spec_key(spec)
-                listing = load_listing(folder)
-                if listing is None:
-                    listing = scan(i, done)
+                listing = load_listing(index_dir / spec_key(spec))
+                fresh.append(listing is None)
+                done.append(scan(i, done) if listing is None else listing)
+            if check is not None:
+                check(done)
+            for spec, listing, new in zip(specs, done, fresh):
+                if new:
+                    folder = index_dir / spec_key(spec)
                     folder.parent.mkdir(parents=True, exist_ok=True)
                     save_listing(listing, folder)
-                done.append(listing)
+                    written.append(folder)
         except Exception as e:  # noqa: BLE001 - the other processes must learn of any failure, or they hang
+            if isinstance(e, OSError):  # writing the index: one line naming the path
+                e = WriteError(f"{e.filename or index_dir}: cannot write the run's index ({e.strerror or e})")
             error, message = e, [str(e) if isinstance(e, TrainerError) else f"{e.__class__.__name__}: {e}"]
-            for p in reversed(created):  # leave nothing behind: the run has not started
+            for p in written + created[::-1]:  # leave nothing behind: the run has not started
                 shutil.rmtree(p, ignore_errors=True)
     if state.num_processes > 1:
         broadcast_object_list(message)

@@ -215,7 +215,7 @@ class ShardStream(IterableDataset):
                 text = fill_template(self.caption, self.s.classes[y])
                 item["caption"] = text
                 if self.spurious is not None:
-                    item["spurious"] = self.spurious(text, self.epoch, i)
+                    item["spurious"] = self.spurious(text, self.epoch, i, self.s.classes[y])
             yield item
 
 
@@ -283,3 +283,26 @@ def peek_samples(s: ShardSet, k: int = 3) -> list[tuple[str, str]]:
         if len(out) == k:
             break
     return out
+
+
+def stream_loader(
+    s: ShardSet,
+    transform: Callable[[Image.Image], torch.Tensor],
+    caption: str | None,
+    spurious: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    accelerator: Any,
+    micro: int,
+    seed: int,
+    num_workers: int = 0,
+    augment_seed: int | None = None,
+) -> StreamLoader:
+    """The training loader of a streamed set: this process's share of the global micro-batch `micro`, on
+    the accelerator's device. Not for `accelerator.prepare`: the stream is already split by process."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = micro // world
+    stream = ShardStream(s, transform, caption, spurious, seed, rank, world, augment_seed=augment_seed)
+    length = batches_per_epoch(s.sizes, world, per)
+    if length == 0:
+        raise DataError(f"{s.shards[0].parent}: too few samples per process for one batch of {per}")
+    return StreamLoader(stream, per, collate, num_workers, length, accelerator.device)
