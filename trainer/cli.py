@@ -34,7 +34,9 @@ def run(
         Path | None, typer.Option("--config", "-c", help="YAML config (defaults otherwise)")
     ] = None,
     bank: Annotated[str | None, typer.Option(help="descgen bank file (overrides `bank`)")] = None,
-    method: Annotated[str | None, typer.Option(help="zeroshot | ft | flyp | starft | kl | ravl")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="zeroshot | ft | flyp | starft | kl | ravl | vl_erm | vl_gdro")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override key=value (dotted keys, YAML values); repeatable"),

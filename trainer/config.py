@@ -21,7 +21,7 @@ from ruamel.yaml.error import YAMLError
 
 from trainer.errors import ConfigError
 
-Method = Literal["zeroshot", "ft", "flyp", "starft", "kl", "ravl"]
+Method = Literal["zeroshot", "ft", "flyp", "starft", "kl", "ravl", "vl_erm", "vl_gdro"]
 Layout = Literal[
     "csv", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
     "objectnet", "waterbirds", "pacs", "webdataset",
@@ -192,8 +192,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"method {self.method} needs data.train")
         if self.method in ("starft", "kl") and self.spurious == "bank" and not self.bank:
             raise ValueError(f"method {self.method} with spurious: bank needs a bank (--bank)")
-        if self.method == "ravl" and not self.discovered:
-            raise ValueError("method ravl needs a discovery report (--discovered REPORT.json)")
+        if self.method in ("ravl", "vl_erm", "vl_gdro") and not self.discovered:
+            raise ValueError(f"method {self.method} needs a discovery report (--discovered REPORT.json)")
         if "{c}" not in self.caption:
             raise ValueError(f"caption {self.caption!r} must contain {{c}}")
         return self
@@ -210,9 +210,7 @@ class TrainConfig(_Strict):
 
     def hparams(self) -> dict[str, Any]:
         """The config without runtime knobs: what a resumed run must share."""
-        return {
-            k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS + FAULT_KEYS
-        }
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS + FAULT_KEYS}
 
     def hash(self) -> str:
         blob = json.dumps(self.hparams(), sort_keys=True, separators=(",", ":"))

@@ -114,6 +114,8 @@ def load_inputs(cfg: TrainConfig, index_dir: Path | None = None) -> Inputs:
             descriptors, bank_info = load_bank_descriptors(cfg)
         words = read_lines(cfg.random_words, "word-list") if cfg.random_words else ()
         spurious = SpuriousCaptions(cfg.spurious, cfg.seed, descriptors, words)
+    if method.setup is not None and cfg.data.train is not None and cfg.data.train.layout == "webdataset":
+        raise ConfigError(f"method {cfg.method} prepares every training image first; it needs a listed set")
     sets = load_sets(cfg, index_dir)
     train = sets.pop(0) if cfg.data.train is not None else None
     val = sets.pop(0) if cfg.data.val is not None else None

@@ -101,13 +101,18 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+# RaVL's mitigation and its paper's comparison rows (VL-ERM, VL-GDRO on the discovered groups)
+RAVL_METHODS = ("ravl", "vl_erm", "vl_gdro")
+
+
 def get_method(name: str) -> MethodSpec:
     """The method called `name` (a ConfigError names the known ones)."""
-    if name == "ravl" and name not in METHODS:
+    if name in RAVL_METHODS and name not in METHODS:
         # Here, not at the top: trainer.ravl.method builds on this module (MethodSpec, StepContext).
-        from trainer.ravl.method import RAVL
+        from trainer.ravl.method import RAVL, VL_ERM, VL_GDRO
 
-        METHODS[name] = RAVL
+        METHODS.update({spec.name: spec for spec in (RAVL, VL_ERM, VL_GDRO)})
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r} (known: {', '.join([*METHODS, 'ravl'])})")
+        known = sorted({*METHODS, *RAVL_METHODS})
+        raise ConfigError(f"unknown method {name!r} (known: {', '.join(known)})")
     return METHODS[name]
