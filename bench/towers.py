@@ -159,7 +159,9 @@ def kl_drift(
         clip.load_state_dict(state)
         for es in loaders:
             s = es.image_set
-            caps = [d.caption(fill_template(cfg.caption, c), c, st) for c in s.classes for d, st in descriptors]
+            caps = [
+                d.caption(fill_template(cfg.caption, c), c, st) for c in s.classes for d, st in descriptors
+            ]
             star = clip.encode_text(tokenizer(caps), normalize=True).float()
             head = zero_shot_head(clip, tokenizer, s.classes, head_templates(s))
             img = torch.cat([clip.encode_image(b["image"], normalize=True).float() for b in es.loader])

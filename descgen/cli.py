@@ -515,8 +515,14 @@ def review(
         decisions = review_items(doc, concept, status, ask_in_terminal(out), out.print, rules_for)
     except ReviewInterrupted as e:
         decisions = e.decisions
-        if decisions and not e.eof and not _confirm(f"interrupted: save the {len(decisions)} decisions made?"):
-            raise DescgenError(f"interrupted; {len(decisions)} decisions discarded, nothing written") from None
+        if (
+            decisions
+            and not e.eof
+            and not _confirm(f"interrupted: save the {len(decisions)} decisions made?")
+        ):
+            raise DescgenError(
+                f"interrupted; {len(decisions)} decisions discarded, nothing written"
+            ) from None
         out.print(f"{e}: keeping the {len(decisions)} decisions made so far")
     if not decisions:
         out.print("no changes; nothing written")
