@@ -94,7 +94,17 @@ def _pt_entries(path: Path) -> list[tuple[str, str]]:
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+    # arbitrary bytes reach torch's legacy loader too, which fails with KeyError/IndexError/TypeError
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as e:
         first = (str(e).splitlines() or [e.__class__.__name__])[0][:160]
         raise ImportFileError(
             f"{path}: not a plain torch-saved list (weights_only load failed: {first})"

@@ -124,6 +124,7 @@ def test_preview_shows_both_styles(lists, tmp_path):
     "make, message",
     [
         (lambda p: p.write_bytes(b"not a pickle"), "weights_only load failed"),
+        (lambda p: p.write_bytes(b"junk\n"), "weights_only load failed"),  # reaches the legacy loader
         (lambda p: torch.save({"a": torch.zeros(2)}, p), "expected a list of template strings"),
         (lambda p: torch.save(["{} and {}."], p), "item 1: .*exactly one"),
         (lambda p: torch.save(["{} " + "very " * 12 + "far."], p), "item 1: .*too long"),
