@@ -31,6 +31,7 @@ HEADERS = {
     "b_plain": "B plain",
     "b_sketch": "B sketch",
     "b_bias": "B bias (typical − other bg)",
+    "id_ece": "ID ECE (lower is better)",
 }
 # Console tables (80 columns): short headers, explained in the caption.
 SHORT = {
@@ -43,11 +44,12 @@ SHORT = {
     "b_plain": "B pl",
     "b_sketch": "B sk",
     "b_bias": "B bias",
+    "id_ece": "ECE",
 }
 LEGEND = (
     "ID = task A in distribution; A sk / ubg = A sketch / unseen backgrounds; B wg / wg3 / avg = task-B "
     "worst group / mean of worst 3 / group average; B pl / sk = task B plain / sketch; B bias = task B on "
-    "each class's typical background minus on the others"
+    "each class's typical background minus on the others; ECE = expected calibration error on ID (%)"
 )
 # Welch comparisons: starft against these rows.
 COMPARE = ("flyp", "flyp_lowlr", "clean", "random", "oracle", "wise_flyp")
@@ -172,7 +174,7 @@ def _comparison(tests: dict[str, dict[str, Any]], title: str) -> list[str]:
     """Markdown lines of one starft-against-other-rows table: difference (t; wins/pairs when paired)."""
     if not tests:
         return []
-    cols = list(COLUMNS)
+    cols = [c for c in COLUMNS if c != "id_ece"]  # differences read as "starft higher"; ECE is lower-better
     lines = [
         "",
         title,
@@ -257,7 +259,7 @@ def rich_paired(summary: dict[str, Any]):
     if not tests:
         return None
 
-    cols = [c for c in COLUMNS if c != "b_bias"]  # 80 columns; the markdown report has it
+    cols = [c for c in COLUMNS if c not in ("b_bias", "id_ece")]  # 80 columns; the markdown report has them
     t = Table(
         title="starft minus row, paired on (pretraining seed, seed): difference, paired t, starft higher/pairs",
         caption=LEGEND,
@@ -295,6 +297,10 @@ ROW_COLOURS = {
     "oracle": "tab:orange",
     "wise_flyp": "tab:blue",
     "wise_starft": "tab:red",
+    "lipsum": "tab:pink",
+    "carot": "darkgreen",
+    "carft": "gold",
+    "lpft": "black",
 }
 
 

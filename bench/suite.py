@@ -46,8 +46,14 @@ ALL_ROWS = (
     "oracle",
     "wise_flyp",
     "wise_starft",
+    "lipsum",
+    "carot",
+    "carft",
+    "lpft",
 )
-FINETUNE_ROWS = ("ft", "flyp", "flyp_lowlr", "kl", "starft", "clean", "random", "oracle")
+# the robust fine-tuning baselines of the StarFT paper (trainer.baselines): row = method
+BASELINE_ROWS = ("lipsum", "carot", "carft", "lpft")
+FINETUNE_ROWS = ("ft", "flyp", "flyp_lowlr", "kl", "starft", "clean", "random", "oracle", *BASELINE_ROWS)
 WISE_ROWS = {"wise_flyp": "flyp", "wise_starft": "starft"}
 # Evaluation sets: name in the metrics -> world split prefix (the split suffix is _val or _test).
 EVAL_SETS = ("a_sketch", "a_unseen", "b_groups", "b_plain", "b_sketch")
@@ -64,6 +70,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     # derived (`metrics_row`): task-B accuracy on each class's typical pretraining background minus on the
     # others, mean over groups; the zero-shot model's spurious bias, and whether fine-tuning amplifies it
     "b_bias": ("b_groups", "bias_gap"),
+    "id_ece": ("a", "ece"),  # expected calibration error on ID (%), lower is better
 }
 
 
@@ -109,6 +116,12 @@ class BenchConfig(BaseModel):
     banks_dir: str = "banks"
     concepts: list[str] = Field(["background"], min_length=1)
     wise_alpha: float = Field(0.5, ge=0, le=1)
+    # --- the baselines' rows (lipsum, carot, carft, lpft) ---
+    baseline_options: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"lpft": {"probe_epochs": 20, "probe_lr": 1e-2}},
+        description="method_options per baseline row, over the methods' defaults (their authors' weights); "
+        "carot's teacher_every defaults to the authors' 500 of 25,030 steps scaled to `steps`",
+    )
     # --- runtime ---
     out: str = Field("runs/bench", description="results.json, report files (and run dirs unless runs_dir)")
     runs_dir: str | None = Field(
@@ -235,9 +248,8 @@ def row_config(
     cfg: BenchConfig, row: str, seed: int, model_dir: Path, data: dict, banks: dict[str, str], runs_dir: Path
 ) -> dict[str, Any]:
     """The trainer config mapping of one fine-tuning row."""
-    method = {"ft": "ft", "flyp": "flyp", "flyp_lowlr": "flyp", "kl": "kl", "zeroshot": "zeroshot"}.get(
-        row, "starft"
-    )
+    same = ("ft", "flyp", "kl", "zeroshot", *BASELINE_ROWS)
+    method = {"flyp_lowlr": "flyp", **{r: r for r in same}}.get(row, "starft")
     lr = cfg.lr
     if row == "flyp_lowlr":
         lr = cfg.flyp_low_lr
@@ -272,6 +284,12 @@ def row_config(
         c["spurious"] = {"clean": "none", "random": "random"}.get(row, "bank")
         if c["spurious"] == "bank":
             c["bank"] = banks["oracle" if row == "oracle" else "reviewed"]
+    if method in BASELINE_ROWS:
+        options = dict(cfg.baseline_options.get(method, {}))
+        if method == "carot":
+            options.setdefault("teacher_every", max(1, round(cfg.steps * 500 / 25_030)))
+            c["caption_templates"] = cfg.templates  # its captions: every template (the bench's prompts)
+        c["method_options"] = options
     if method == "zeroshot":
         del c["data"]["train"]
     return c

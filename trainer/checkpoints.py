@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from trainer.config import TrainConfig, load_config
 from trainer.errors import NonFiniteError, RunDirError, WriteError
@@ -30,6 +30,7 @@ from trainer.runlog import describe_os_error, fault_point, write_json, writing
 
 STATE_DIRS = ("state", "state.tmp", "state.old")  # where a save leaves a state; the first is the settled one
 MARKER = "meta.json"  # written last, removed first: the mark of a complete state
+HEAD0 = "head0.safetensors"  # in checkpoints/: the classification head a run started from
 
 
 def state_meta(folder: Path) -> dict[str, Any] | None:
@@ -161,21 +162,37 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise WriteError(f"{path}: cannot write ({why}); the previous file is kept") from None
 
 
+def save_head(head, path: Path) -> None:
+    """A classification head's weights (weight, bias if any) as safetensors; non-finite ones refused."""
+    _save_tensors({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, path)
+
+
 def save_weights(model, path: Path) -> None:
-    """The open_clip state dict as safetensors (usable as `pretrained:`); an ft head goes beside it.
-    Refuses non-finite weights (NonFiniteError); the file is replaced whole or not at all."""
+    """The open_clip state dict as safetensors (usable as `pretrained:`); a head goes beside it
+    (<name>.head.safetensors). Refuses non-finite weights (NonFiniteError, before anything is written);
+    each file is replaced whole or not at all."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
-    head = None
     if model.head is not None:
-        head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-        check_finite(head, f"{path.with_suffix('.head.safetensors')}: not written")
+        check_finite(dict(model.head.state_dict()), f"{path.with_suffix('.head.safetensors')}: not written")
     _save_tensors(state, path)
-    if head is not None:
-        _save_tensors(head, path.with_suffix(".head.safetensors"))
+    if model.head is not None:
+        save_head(model.head, path.with_suffix(".head.safetensors"))
 
 
-def save_state(accelerator, run_dir: Path, meta: dict[str, Any]) -> None:
-    """accelerate save_state into state.tmp, marked complete, then swapped in for the older state."""
+METHOD_STATE = "method.safetensors"  # a method's own tensors in a state folder (CaRot's averaged teacher)
+
+
+def load_method_state(state_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The method's own tensors saved with a state (None when it saved none)."""
+    path = Path(state_dir) / METHOD_STATE
+    return load_file(str(path)) if path.is_file() else None
+
+
+def save_state(
+    accelerator, run_dir: Path, meta: dict[str, Any], method_tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """accelerate save_state into state.tmp (+ the method's own tensors, as safetensors), marked complete,
+    then swapped in for the older state."""
     tmp, final = run_dir / "state.tmp", run_dir / "state"
     if accelerator.is_main_process:
         with writing(run_dir):
@@ -192,6 +209,8 @@ def save_state(accelerator, run_dir: Path, meta: dict[str, Any]) -> None:
         ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if method_tensors:
+            _save_tensors(method_tensors, tmp / METHOD_STATE)
         fault_point("written")
         with writing(tmp):
             write_json(tmp / MARKER, meta)

@@ -35,7 +35,11 @@ def run(
     ] = None,
     bank: Annotated[str | None, typer.Option(help="descgen bank file (overrides `bank`)")] = None,
     method: Annotated[
-        str | None, typer.Option(help="zeroshot | ft | flyp | starft | kl | ravl | vl_erm | vl_gdro")
+        str | None,
+        typer.Option(
+            help="zeroshot | ft | flyp | starft | kl | ravl | vl_erm | vl_gdro | lipsum | carot | carft | lpft "
+            "(the baselines' own options: method_options, docs/baselines.md)"
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -84,8 +88,10 @@ def run(
         fail(str(e))
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         out.print(str(run_dir), markup=False, highlight=False)
+    state.destroy_process_group()  # the end of a launched run (train() leaves it for callers that go on)
 
 
 @app.command()
@@ -227,6 +233,48 @@ def perf(
     if json_out is not None:
         write_report(report, json_out)
     typer.echo(render(report))
+
+
+@app.command()
+def explain(
+    runs: Annotated[list[Path], typer.Argument(help="finished run directories (one zero-shot model)")],
+    images: Annotated[
+        Path, typer.Option(help="image folder (class subfolders give labels) or CSV path,label[,group]")
+    ],
+    classes: Annotated[
+        str | None,
+        typer.Option(help="class-names file or comma list; default: the first run's training classes"),
+    ] = None,
+    out_png: Annotated[
+        Path | None, typer.Option("--out", help="PNG path; default RUN/explain/<images>.png")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="images, evenly spaced through the set", min=1)] = 8,
+    target: Annotated[
+        str, typer.Option(help="true (the label where known, else the prediction) | pred")
+    ] = "true",
+    checkpoint: Annotated[str, typer.Option(help="auto (best, else last) | best | last")] = "auto",
+    layer: Annotated[
+        str, typer.Option(help="image-tower module to take the CAM at (auto: last ViT block; ResNet stage)")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda if available) | cpu | cuda[:N]")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads")] = None,
+) -> None:
+    """Grad-CAM maps of the zero-shot model and each run side by side on the same images; prints the PNG."""
+    if target not in ("true", "pred"):
+        raise typer.BadParameter("must be true or pred", param_hint="--target")
+    if checkpoint not in ("auto", "best", "last"):
+        raise typer.BadParameter("must be auto, best or last", param_hint="--checkpoint")
+    try:
+        import torch
+
+        from trainer.explain import explain as explain_fn
+
+        if threads:
+            torch.set_num_threads(threads)
+        res = explain_fn(runs, images, classes, out_png, limit, target, checkpoint, layer, device)  # type: ignore[arg-type]
+    except USER_ERRORS as e:
+        fail(str(e))
+    out.print(str(res.out), markup=False, highlight=False)
 
 
 if __name__ == "__main__":

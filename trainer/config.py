@@ -21,7 +21,9 @@ from ruamel.yaml.error import YAMLError
 
 from trainer.errors import ConfigError
 
-Method = Literal["zeroshot", "ft", "flyp", "starft", "kl", "ravl", "vl_erm", "vl_gdro"]
+Method = Literal[
+    "zeroshot", "ft", "flyp", "starft", "kl", "ravl", "vl_erm", "vl_gdro", "lipsum", "carot", "carft", "lpft",
+]  # fmt: skip
 Layout = Literal[
     "csv", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
     "objectnet", "waterbirds", "pacs", "webdataset",
@@ -94,6 +96,11 @@ class TrainConfig(_Strict):
     # --- data and captions ---
     data: DataConfig = Field(default_factory=DataConfig)
     caption: str = Field("a photo of a {c}.", description="training caption template")
+    caption_templates: str | list[str] | None = Field(
+        None,
+        description="draw each sample's training caption from these templates instead (openai | simple | "
+        "file | list), per (seed, epoch, sample): CaRot's captions; null = `caption` always",
+    )
     train_transform: Literal["train", "eval"] = Field(
         "train",
         description="train: open_clip's training augmentation (RandomResizedCrop 0.9-1.0, the paper's); "
@@ -123,7 +130,8 @@ class TrainConfig(_Strict):
         None, description="ravl: discovery report JSON (`trainer discover`); its top feature is mitigated"
     )
     method_options: dict[str, Any] = Field(
-        default_factory=dict, description="extra options of plug-in methods"
+        default_factory=dict,
+        description="the method's own options (ravl, lipsum, carot, carft, lpft; `trainer run --help`)",
     )
     # --- optimisation ---
     batch_size: int = Field(512, gt=0, description="global batch per optimizer step (all processes)")

@@ -17,12 +17,12 @@ from typing import Any
 from descgen.bank import file_sha256, load_bank
 from descgen.errors import DescgenError
 from trainer.config import DataSpec, TrainConfig
-from trainer.data import ImageSet, SpuriousCaptions, load_image_set, read_lines
+from trainer.data import ImageSet, SpuriousCaptions, load_image_set, load_templates, read_lines
 from trainer.data.index import indexed_listings
 from trainer.data.sets import Listing, default_set_name, resolve_class_map, scan_set
 from trainer.data.stream import load_shard_set
 from trainer.errors import ConfigError, DataError
-from trainer.methods import MethodSpec, get_method
+from trainer.methods import MethodSpec, get_method, method_options
 
 
 @dataclass
@@ -107,6 +107,9 @@ def load_inputs(cfg: TrainConfig, index_dir: Path | None = None) -> Inputs:
         raise ConfigError(f"evaluation sets need distinct names (have {names}); set `name:` on each")
     if method.objective == "none" and not names:
         raise ConfigError("method zeroshot needs data.val or data.eval")
+    method_options(method, cfg)  # the method's own options, checked before anything is written
+    if cfg.caption_templates is not None:
+        load_templates(cfg.caption_templates)
     spurious, bank_info = None, None
     if method.needs_spurious:
         descriptors: list[Any] = []

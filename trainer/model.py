@@ -149,26 +149,53 @@ class TrimmedText:
         return encode_text(self.clip, text, normalize=normalize)
 
 
+class ScaledLinear(nn.Linear):
+    """A linear classification head whose logits are `scale` × (W f + b); the scale is fixed (not a
+    parameter, not in the state dict: the method says it), so the state dict is nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, scale: float = 1.0):
+        super().__init__(in_features, out_features, bias=bias)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.scale == 1.0 else self.scale * out
+
+
+def linear_head(
+    weight: torch.Tensor, bias: torch.Tensor | bool | None = True, scale: float = 1.0
+) -> ScaledLinear:
+    """A `ScaledLinear` head with these (C, D) weights; `bias`: a (C,) tensor, True (zeros) or False/None."""
+    head = ScaledLinear(weight.shape[1], weight.shape[0], bias=bias is not None and bias is not False,
+                        scale=scale)  # fmt: skip
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.copy_(bias if torch.is_tensor(bias) else torch.zeros(weight.shape[0]))
+    return head
+
+
 class FineTuner(nn.Module):
     """What the optimizer trains. One forward does everything a step needs, so DDP sees every use.
 
     Contrastive methods: forward(image, text) -> image and text features (text may stack captions and
-    spurious captions). `ft`: a linear head on the normalised image features; the text tower is not trained.
-    The head is the reference's (WiSE-FT's ClassificationHead): its weights start as the zero-shot class
-    embeddings times the model's logit scale, so the scale is part of the weights AdamW moves.
+    spurious captions). Methods with a classification head (ft, lipsum, carft, lpft; `trainer.heads`): a
+    linear head on the normalised image features, `head(f)` its logits; the text tower is not trained.
+    ft's head is the reference's (WiSE-FT's ClassificationHead): zero-shot class embeddings times the
+    logit scale, so the scale is part of the weights AdamW moves; lipsum's and carft's keep the scale
+    fixed outside the weights (`ScaledLinear.scale`).
     `trim_text`: run the text tower on the batch's longest caption where exact (`encode_text`).
     """
 
-    def __init__(self, clip: nn.Module, head: torch.Tensor | None = None, trim_text: bool = True):
+    def __init__(self, clip: nn.Module, head: torch.Tensor | nn.Linear | None = None, trim_text: bool = True):
         super().__init__()
         self.clip = clip
         self.trim_text = trim_text
         self.head: nn.Linear | None = None
-        if head is not None:  # (C, D) zero-shot class embeddings times the logit scale
-            self.head = nn.Linear(head.shape[1], head.shape[0], bias=True)
-            with torch.no_grad():
-                self.head.weight.copy_(head)
-                self.head.bias.zero_()
+        if isinstance(head, nn.Linear):
+            self.head = head
+        elif head is not None:  # (C, D) zero-shot class embeddings times the logit scale (ft)
+            self.head = linear_head(head, bias=True)
 
     def forward(
         self,

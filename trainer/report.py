@@ -4,9 +4,11 @@
 
 Columns: ID (the run's `data.val` set), each OOD set (the other sets without groups), their average, and for
 each set with groups its worst-group and average-group accuracy (the mean over groups), as the StarFT
-paper's tables 2 and 3 report them. A run's numbers are those of its checkpoint chosen on ID validation
-(metrics.json's `best`, what the paper reports) where it has one, else its final model's (`--checkpoint`
-picks one). A set a run lacks shows as "–".
+paper's tables 2 and 3 report them; then calibration, as CaRot reports it: the ID set's expected calibration
+error (`ece`, %, lower is better) and the mean ECE over the OOD sets the OOD average is over. A run's
+numbers are those of its checkpoint chosen on ID validation (metrics.json's `best`, what the paper reports)
+where it has one, else its final model's (`--checkpoint` picks one). A set a run lacks, or a number it did
+not record (runs from before ECE have none), shows as "–".
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ class ReportError(TrainerError):
 
 @dataclass
 class RunResult:
-    """One run's numbers: top-1 per set, and worst/average group for grouped sets."""
+    """One run's numbers: top-1 per set, worst/average group for grouped sets, ECE per set where recorded."""
 
     label: str
     method: str
     id_set: str | None
     top1: dict[str, float] = field(default_factory=dict)
     groups: dict[str, tuple[float, float]] = field(default_factory=dict)  # set -> (worst, mean over groups)
+    ece: dict[str, float] = field(default_factory=dict)  # set -> ECE (%); absent in runs from before ECE
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -84,6 +87,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "auto") -> RunResult:
         out.top1[name] = float(m["top1"])
         if "worst_group" in m:
             out.groups[name] = (float(m["worst_group"]), float(m["group_mean"]))
+        if isinstance(m.get("ece"), (int, float)):
+            out.ece[name] = float(m["ece"])
     return out
 
 
@@ -96,6 +101,12 @@ class Table:
 
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
+
+
+def _mean_of(values: dict[str, float], sets: list[str]) -> float | None:
+    """The mean of `values` over `sets`; None unless every one of them is there."""
+    vals = [values[s] for s in sets if s in values]
+    return sum(vals) / len(vals) if vals and len(vals) == len(sets) else None
 
 
 def make_table(runs: list[RunResult], ood: list[str] | None = None) -> Table:
@@ -112,16 +123,19 @@ def make_table(runs: list[RunResult], ood: list[str] | None = None) -> Table:
     header = ["run", "method", "ID"] + ood_sets + (["OOD avg"] if ood_sets else [])
     for g in grouped:
         header += [f"{g} WG", f"{g} avg group"]
+    header += ["ID ECE"] + (["OOD avg ECE"] if ood_sets else [])
     rows = []
     for r in runs:
         row = [r.label, r.method, _fmt(r.top1.get(r.id_set)) if r.id_set else "–"]
         row += [_fmt(r.top1.get(s)) for s in ood_sets]
         if ood_sets:
-            vals = [r.top1[s] for s in avg_over if s in r.top1]
-            row.append(_fmt(sum(vals) / len(vals)) if vals and len(vals) == len(avg_over) else "–")
+            row.append(_fmt(_mean_of(r.top1, avg_over)))
         for g in grouped:
             wg, mean = r.groups.get(g, (None, None))
             row += [_fmt(wg), _fmt(mean)]
+        row.append(_fmt(r.ece.get(r.id_set)) if r.id_set else "–")
+        if ood_sets:
+            row.append(_fmt(_mean_of(r.ece, avg_over)))
         rows.append(row)
     return Table(header, rows, list(avg_over))
 
@@ -136,11 +150,15 @@ def render_markdown(table: Table) -> str:
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(table.header))) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    ece = "ECE: expected calibration error (%, 10 bins; lower is better)"
+    lines.append("")
     if table.ood_sets:
-        lines.append("")
         lines.append(
-            f"Top-1 (%). OOD avg over {', '.join(table.ood_sets)}; WG: worst group; avg group: mean over groups."
+            f"Top-1 (%). OOD avg over {', '.join(table.ood_sets)}; WG: worst group; avg group: mean over groups;"
+            f" {ece}, of the ID set and averaged over the same OOD sets."
         )
+    else:
+        lines.append(f"Top-1 (%). {ece}.")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,8 @@ class TeacherFeatures:
       (num_samples, D)); once every sample is in it the teacher's image tower is released. Without it
       (augmentation), the image forward runs under inference mode in the training precision.
     All flags off is the reference's teacher: the full forward of both towers at every step.
+    `text_key`: the batch's captions it embeds (spurious: StarFT's S_j; caption: CaRot's; None: images only).
+    A teacher that changes during training (CaRot's average) is run with both caches off.
     """
 
     def __init__(
@@ -50,8 +52,9 @@ class TeacherFeatures:
         cache_text: bool = True,
         trim: bool = True,
         inference: bool = True,
+        text_key: str | None = "spurious",
     ):
-        self.teacher = teacher
+        self.teacher, self.text_key = teacher, text_key
         self.num_samples, self.trim, self.inference = num_samples, trim, inference
         self.text_cache: dict[bytes, torch.Tensor] | None = {} if cache_text else None
         self.images: torch.Tensor | None = None  # (num_samples, D) on the CPU, filled as samples come
@@ -59,14 +62,16 @@ class TeacherFeatures:
         self.block = 0  # images a missing sample is encoded with: the first micro-batch's size
         self.counts = {"image_computed": 0, "image_cached": 0, "text_computed": 0, "text_cached": 0}
 
-    def __call__(self, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Tensors) -> Tensors:
+        """{"image": (b, D)} and, with a `text_key`, {text_key: (b, D)}: normalised teacher features."""
         mode = torch.inference_mode() if self.inference else torch.no_grad()
         with mode:
-            image = self.image_features(batch["image"], batch.get("index"))
-            text = self.text_features(batch["spurious"])
+            out = {"image": self.image_features(batch["image"], batch.get("index"))}
+            if self.text_key is not None:
+                out[self.text_key] = self.text_features(batch[self.text_key])
         if self.inference:  # inference tensors may not enter autograd's bookkeeping later: plain copies
-            image, text = image.clone(), text.clone()
-        return image, text
+            out = {k: v.clone() for k, v in out.items()}
+        return out
 
     def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return encode_text(self.teacher, tokens, normalize=True, trim=self.trim)
@@ -178,12 +183,56 @@ def _batch_data(batch: Tensors) -> Tensors:
     return {k: v for k, v in batch.items() if k not in _TOKENS and torch.is_tensor(v)}
 
 
-def _teacher(teacher: TeacherFeatures | None, batch: Tensors, method: MethodSpec, accelerator) -> Tensors:
+def _teacher(
+    teacher: TeacherFeatures | None, batch: Tensors, method: MethodSpec, accelerator, gather: bool = True
+) -> Tensors:
     if not (method.needs_teacher and teacher is not None):
         return {}
     with accelerator.autocast():
-        t_image, t_spurious = teacher(batch)
-    return _gather(accelerator, {"image": t_image, "spurious": t_spurious}, with_grad=False)
+        feats = teacher(batch)
+    return _gather(accelerator, feats, with_grad=False) if gather else feats
+
+
+def _context(
+    method: MethodSpec,
+    cfg: TrainConfig,
+    feats: Tensors,
+    logit_scale,
+    data: Tensors,
+    teacher_feats: Tensors,
+    kl_scale: float,
+    step: int,
+    epoch: int,
+    state: dict[str, Any] | None,
+    accelerator,
+    teacher: TeacherFeatures | None,
+    model,
+    param_pass: bool,
+) -> StepContext:
+    return StepContext(
+        cfg,
+        data,
+        feats,
+        feats["image"],
+        data["label"],
+        spurious=feats.get("spurious"),
+        teacher_image=teacher_feats.get("image"),
+        teacher_spurious=teacher_feats.get("spurious"),
+        kl_scale=kl_scale,
+        step=step,
+        epoch=epoch,
+        accelerator=accelerator,
+        state=state if state is not None else {},
+        teacher_caption=teacher_feats.get("caption"),
+        logit_scale=logit_scale,
+        teacher=teacher,
+        clip=None if model is None else _unwrap(model, accelerator).clip,
+        param_pass=param_pass,
+    )
+
+
+def _unwrap(model, accelerator):
+    return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
 def loss_terms(
@@ -199,6 +248,9 @@ def loss_terms(
     epoch: int = 0,
     state: dict[str, Any] | None = None,
     accelerator=None,
+    teacher_features: TeacherFeatures | None = None,
+    model=None,
+    param_pass: bool = True,
 ) -> Tensors:
     """The named loss terms of the global batch, from its features (student's with gradient)."""
     labels = data["label"]
@@ -207,30 +259,40 @@ def loss_terms(
     )
     if method.reg_term is None:
         return {"contrastive_loss": lc, "reg_loss": lc.detach() * 0, "loss": lc}
-    ctx = StepContext(
-        cfg,
-        data,
-        feats,
-        feats["image"],
-        labels,
-        spurious=feats.get("spurious"),
-        teacher_image=teacher.get("image"),
-        teacher_spurious=teacher.get("spurious"),
-        kl_scale=kl_scale,
-        step=step,
-        epoch=epoch,
-        accelerator=accelerator,
-        state=state or {},
-    )
+    ctx = _context(method, cfg, feats, logit_scale, data, teacher, kl_scale, step, epoch, state, accelerator,
+                   teacher_features, model, param_pass)  # fmt: skip
     reg = method.reg_term(ctx)
     loss = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
     return {"contrastive_loss": lc, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
 
 
-def _ce_terms(model, batch: Tensors) -> Tensors:
+def _ce_terms(
+    model,
+    batch: Tensors,
+    method: MethodSpec,
+    cfg: TrainConfig,
+    accelerator,
+    teacher: TeacherFeatures | None,
+    lam: float,
+    step: int,
+    epoch: int,
+    state: dict[str, Any] | None,
+    param_pass: bool = True,
+) -> Tensors:
+    """Cross-entropy on the head's logits (+ the method's term on this micro-batch's own features): means
+    over the micro-batch's samples, so a step's K micro-batches are weighted 1/K each, and processes
+    average their gradients (DDP)."""
     out = model(batch["image"])
     ce = F.cross_entropy(out["logits"].float(), batch["label"])
-    return {"contrastive_loss": ce, "reg_loss": ce.detach() * 0, "loss": ce}
+    if method.reg_term is None:
+        return {"contrastive_loss": ce, "reg_loss": ce.detach() * 0, "loss": ce}
+    feats = {"image": out["image"]}
+    t = _teacher(teacher, batch, method, accelerator, gather=False)
+    ctx = _context(method, cfg, feats, out["logit_scale"], _batch_data(batch), t, 1.0, step, epoch, state,
+                   accelerator, teacher, model, param_pass)  # fmt: skip
+    reg = method.reg_term(ctx)
+    loss = method.combine(ctx, ce, reg, lam) if method.combine else ce + lam * reg
+    return {"contrastive_loss": ce, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
 
 
 def compute_losses(
@@ -248,14 +310,15 @@ def compute_losses(
 ) -> Tensors:
     """One micro-batch's loss terms over the global batch: contrastive_loss, reg_loss, loss (+ the
     method's extra logged terms)."""
-    state = state or {}
+    state = state if state is not None else {}
     if method.objective == "ce":
-        return _ce_terms(model, batch)
+        return _ce_terms(model, batch, method, cfg, accelerator, teacher, lam, step, epoch, state)
     feats, scale = student_features(model, batch, method, state)
     feats = _gather(accelerator, feats, with_grad=True)
     data = _gather(accelerator, _batch_data(batch), with_grad=False)
     t = _teacher(teacher, batch, method, accelerator)
-    return loss_terms(method, cfg, feats, scale, data, t, kl_scale, lam, step, epoch, state, accelerator)
+    return loss_terms(method, cfg, feats, scale, data, t, kl_scale, lam, step, epoch, state, accelerator,
+                      teacher, model)  # fmt: skip
 
 
 def backward_step(
@@ -279,7 +342,7 @@ def backward_step(
     micro-batch's features only (the logit scale's own gradient is taken once, in the last,
     synchronised pass, where DDP expects a gradient for every parameter). Returns the terms (the
     full batch's values, detached)."""
-    state = state or {}
+    state = state if state is not None else {}
     k = len(micro_batches)
     if k == 1:
         terms = compute_losses(model, micro_batches[0], method, cfg, accelerator, teacher, kl_scale, lam,
@@ -290,7 +353,8 @@ def backward_step(
         sums: Tensors = {}
         for j, batch in enumerate(micro_batches):
             with accelerator.no_sync(model) if j < k - 1 else contextlib.nullcontext():
-                terms = _ce_terms(model, batch)
+                terms = _ce_terms(model, batch, method, cfg, accelerator, teacher, lam, step, epoch, state,
+                                  param_pass=j == k - 1)  # fmt: skip
                 accelerator.backward(terms["loss"] / k)
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0) + v.detach() / k
@@ -306,8 +370,9 @@ def backward_step(
             feats, scale = student_features(model, batch, method, state)
             feats = _gather(accelerator, feats, with_grad=True)
             merged = _cat([feats if i == j else cached[i] for i in range(k)])
-            terms = loss_terms(method, cfg, merged, scale if j == k - 1 else scale.detach(), data, t, kl_scale,
-                               lam, step, epoch, state, accelerator)  # fmt: skip
+            last = j == k - 1
+            terms = loss_terms(method, cfg, merged, scale if last else scale.detach(), data, t, kl_scale,
+                               lam, step, epoch, state, accelerator, teacher, model, param_pass=last)  # fmt: skip
             accelerator.backward(terms["loss"])
     return {name: v.detach() for name, v in terms.items()}
 

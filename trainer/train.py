@@ -25,18 +25,22 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from trainer.checkpoints import (
+    HEAD0,
     check_finite,
     clear_run_dir,
     find_state,
+    load_method_state,
     open_run_dir,
+    save_head,
     save_state,
     save_weights,
 )
 from trainer.config import TrainConfig
-from trainer.data import Collate, EpochSampler, ImageDataset
+from trainer.data import Collate, EpochSampler, ImageDataset, TemplateCaptions, load_templates
 from trainer.data.stream import ShardSet, StreamLoader, stream_loader
 from trainer.errors import ConfigError, DataError, NonFiniteError, RunDirError, WriteError
-from trainer.evaluate import EvalSet, evaluate_sets, make_eval_sets, zero_shot_head
+from trainer.evaluate import EvalSet, evaluate_sets, make_eval_sets
+from trainer.heads import initial_head
 from trainer.inputs import Inputs, load_inputs
 from trainer.model import FineTuner, build_clip, clamp_logit_scale, make_teacher, train_transform
 from trainer.plots import plot_run
@@ -162,21 +166,25 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
 
     set_seed(cfg.seed)  # the same seed before build_clip as `trainer wise` uses, so random inits agree
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
-    teacher_model = make_teacher(clip) if method.needs_teacher else None
-    # before training, with the initial model (RaVL labels the regions of every training image here)
-    state = method.setup(cfg, inputs.train, clip, preprocess, tokenizer) if method.setup else {}
+    teacher_model = (method.make_teacher or make_teacher)(clip) if method.needs_teacher else None
+    # before training, with the initial model (RaVL labels the regions of every training image here; LP-FT
+    # trains its probe)
+    state = {}
+    if method.setup:
+        state = method.setup(cfg, inputs.train, clip, preprocess, tokenizer, accelerator=accelerator,
+                             run_dir=run_dir)  # fmt: skip
+    if teacher_model is not None:
+        state["teacher"] = teacher_model  # the frozen (or averaged: CaRot) model a method's terms may use
     teacher_scale = float(clip.logit_scale.exp().item())
 
-    head = None
-    if method.objective == "ce":
-        # the reference's head (WiSE-FT): zero-shot class embeddings with the logit scale folded in
-        head = teacher_scale * zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
+    # ft, lipsum, carft, lpft: a classification head (trainer.heads) on the image tower
+    head = initial_head(method, clip, tokenizer, inputs.train, state) if method.head else None
     freeze_text = method.freeze_text or cfg.freeze_text
-    if method.objective == "ce" or freeze_text:
-        for name, p in clip.named_parameters():  # the image tower (and an ft head) only
+    if head is not None or freeze_text:
+        for name, p in clip.named_parameters():  # the image tower (and the head) only
             if not name.startswith("visual."):
                 p.requires_grad_(False)
-    if cfg.freeze_logit_scale or method.objective == "ce" or freeze_text:
+    if cfg.freeze_logit_scale or head is not None or freeze_text:
         clip.logit_scale.requires_grad_(False)
     model = FineTuner(clip, head)
     if cfg.grad_checkpointing:  # open_clip's: recompute each block's activations in the backward
@@ -196,10 +204,15 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
         return run
 
     augment = cfg.train_transform == "train"
+    caption = (
+        TemplateCaptions(load_templates(cfg.caption_templates), cfg.seed)
+        if cfg.caption_templates
+        else cfg.caption
+    )
     dataset = ImageDataset(
         inputs.train,
         train_transform(clip) if augment else preprocess,
-        cfg.caption,
+        caption,
         inputs.spurious,
         extras=state.get("sample_extras"),
         augment_seed=cfg.seed if augment else None,
@@ -224,15 +237,17 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
     run.model, run.optimizer, run.loader = accelerator.prepare(model, optimizer, loader)
     if isinstance(inputs.train, ShardSet):  # streamed: each process reads its own shards (not prepared)
         run.loader = stream_loader(
-            inputs.train, train_transform(clip) if augment else preprocess, cfg.caption, inputs.spurious,
+            inputs.train, train_transform(clip) if augment else preprocess, caption, inputs.spurious,
             Collate(tokenizer), accelerator, micro, cfg.seed, cfg.num_workers, cfg.seed if augment else None,
         )  # fmt: skip
         steps_per_epoch = len(run.loader) // cfg.grad_accum
-    if teacher_model is not None:  # frozen: no DDP, no optimizer
-        # exact caches: each spurious caption's features once a run; each image's when it never changes
-        table = len(dataset) if cfg.teacher_cache and not augment else None
+    if teacher_model is not None:  # frozen (or averaged by the method): no DDP, no optimizer
+        # exact caches: each spurious caption's features once a run; each image's when it never changes;
+        # none for a teacher that changes (CaRot)
+        cache = cfg.teacher_cache and not method.teacher_changes
+        table = len(dataset) if cache and not augment else None
         run.teacher = TeacherFeatures(
-            teacher_model.to(accelerator.device), table, cache_text=cfg.teacher_cache
+            teacher_model.to(accelerator.device), table, cache_text=cache, text_key=method.teacher_text
         )
     run.sampler, run.dataset, run.steps_per_epoch = sampler, dataset, steps_per_epoch
     run.total = cfg.total_steps or cfg.epochs * steps_per_epoch
@@ -246,6 +261,10 @@ def write_run_files(run: Run, resume: bool) -> None:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)  # open_run_dir refused an existing one; index/ made it
         (run_dir / "checkpoints").mkdir(exist_ok=True)
+        if (
+            run.unwrapped.head is not None
+        ):  # the head the run starts from: `trainer wise` interpolates from it
+            save_head(run.unwrapped.head, run_dir / "checkpoints" / HEAD0)
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         summary = run.state.get("summary")
         write_json(
@@ -315,6 +334,10 @@ def fit(run: Run, log: MetricsLog, resume_meta: dict[str, Any] | None) -> dict[s
     skips = {"skipped": 0, "in_a_row": 0, "bad_images": 0}  # counts a resume carries on
     if resume_meta is not None:
         acc.load_state(resume_meta["state_dir"])
+        method = run.inputs.method
+        tensors = load_method_state(resume_meta["state_dir"]) if method.load_tensors else None
+        if tensors is not None:
+            method.load_tensors(run.state, tensors)
         step, best = resume_meta["step"], resume_meta["best"]
         skips = {k: int(resume_meta.get(k, 0)) for k in skips}
         log.truncate_after(step)
@@ -360,7 +383,8 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
         check_finite(dict(unwrapped.named_parameters()), f"step {step}: the weights")
         meta = {"step": step, "best": state["best"], "config_hash": cfg.hash()}
         counts = {k: state[k] for k in ("skipped", "in_a_row", "bad_images")}
-        save_state(acc, run.run_dir, {**meta, **counts})
+        extra = method.save_tensors(run.state) if method.save_tensors else None
+        save_state(acc, run.run_dir, {**meta, **counts}, extra)
 
     stop_at = min(run.total, cfg.max_steps) if cfg.max_steps else run.total
     task = progress.add(f"{cfg.method} {run.run_dir.name}", run.total, step)
@@ -394,6 +418,8 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                if method.after_step:  # e.g. CaRot's teacher average, after the student's update
+                    method.after_step(run.state, unwrapped.clip, step, run.total)
             optimizer.zero_grad(set_to_none=True)
             if bad is not None:
                 what = f"step {step + 1}: the {bad} is not finite"
@@ -449,7 +475,8 @@ def fit_loop(run: Run, log: MetricsLog, state: dict[str, Any], progress: Progres
 
 
 def finish(run: Run, final: dict[str, Any]) -> None:
-    """metrics.json and the plots (main process), then accelerate's end of training."""
+    """metrics.json and the plots (main process), then the trackers' end. The process group stays (a
+    process may run train() again, as the benchmark and the tests do); `trainer run` ends it."""
     acc = run.accelerator
     if acc.is_main_process:
         write_json(run.run_dir / "metrics.json", final)
@@ -458,7 +485,8 @@ def finish(run: Run, final: dict[str, Any]) -> None:
         except (OSError, ValueError, RuntimeError, KeyError) as e:  # a convenience: never fail a finished run
             print(f"warning: plots not written ({e.__class__.__name__}: {e})")
     acc.wait_for_everyone()
-    acc.end_training()
+    for tracker in acc.trackers:
+        tracker.finish()
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:

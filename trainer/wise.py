@@ -3,7 +3,8 @@
     from trainer.wise import wise; out = wise("runs/v2-starft-...", alpha=0.5)
 
 theta = (1 - alpha) * theta_zeroshot + alpha * theta_finetuned, every floating-point tensor (the logit
-scale and, for method ft, the head, whose zero-shot value is the text classifier it started from).
+scale and, for a method with a classification head, the head, from the head the run started from:
+checkpoints/head0.safetensors, the zero-shot text classifier or LP-FT's probe).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoints import check_finite
+from trainer.checkpoints import HEAD0, check_finite
 from trainer.config import load_config
 from trainer.errors import RunDirError, TrainerError
 from trainer.evaluate import evaluate_sets, make_eval_sets, zero_shot_head
+from trainer.heads import head_scale
 from trainer.inputs import load_inputs
-from trainer.model import FineTuner, build_clip
+from trainer.model import FineTuner, build_clip, linear_head
 from trainer.runlog import write_json
 from trainer.train import new_accelerator
 
@@ -62,21 +64,24 @@ def wise(run_dir: str | Path, alpha: float = 0.5, checkpoint: Literal["last", "b
     head = None
     head_path = ckpt.with_suffix(".head.safetensors")
     if head_path.is_file() and inputs.train is not None:
-        # the head train() started from: zero-shot class embeddings times the zero-shot logit scale
-        w0 = clip.logit_scale.exp().item() * zero_shot_head(
-            clip, tokenizer, inputs.train.classes, inputs.train.templates
-        )
-        zero_head = {"weight": w0, "bias": torch.zeros(w0.shape[0])}
+        s0 = clip.logit_scale.exp().item()
+        start = run_dir / "checkpoints" / HEAD0
+        if start.is_file():  # the head train() started from (zero-shot, or LP-FT's probe)
+            zero_head = load_file(str(start))
+        else:  # a run written before head0 existed (method ft): zero-shot embeddings times s0, zero bias
+            w0 = s0 * zero_shot_head(clip, tokenizer, inputs.train.classes, inputs.train.templates)
+            zero_head = {"weight": w0, "bias": torch.zeros(w0.shape[0])}
         tuned_head = load_file(str(head_path))
         check_finite(tuned_head, f"{head_path}: refused")
-        head = interpolate(zero_head, tuned_head, alpha)
+        merged_head = interpolate(zero_head, tuned_head, alpha)
+        head = linear_head(
+            merged_head["weight"], merged_head.get("bias"), scale=head_scale(inputs.method, s0)
+        )
     tuned = load_file(str(ckpt))
     check_finite(tuned, f"{ckpt}: refused")  # a NaN run (an older trainer saved them) interpolates to NaN
     merged = interpolate({k: v.detach() for k, v in clip.state_dict().items()}, tuned, alpha)
     clip.load_state_dict(merged)
-    model = FineTuner(clip, head["weight"] if head is not None else None)
-    if head is not None:
-        model.head.load_state_dict(head)
+    model = FineTuner(clip, head)
     model = accelerator.prepare(model)
     sets = make_eval_sets(
         ([inputs.val] if inputs.val else []) + inputs.evals, preprocess, cfg.eval_batch_size, accelerator

@@ -58,8 +58,8 @@ def test_cached_teacher_features_equal_the_teachers_forward(tiny_clip):
     cached = TeacherFeatures(make_teacher(teacher), num_samples=16)
     for epoch in range(2):
         for batch in _batches(tokenizer, seed=epoch):
-            ref_image, ref_text = plain(batch)
-            image, text = cached(batch)
+            ref_image, ref_text = plain(batch).values()
+            image, text = cached(batch).values()
             assert (image - ref_image).abs().max() < 1e-5 and (text - ref_text).abs().max() < 1e-5
             assert not image.is_inference() and not text.is_inference()
     # every image computed once (epoch 0), then read; each distinct caption (4 classes x 3 words at most)

@@ -105,6 +105,16 @@ from trainer.config import load_config
 from trainer.train import train
 
 train(load_config(run_config))
+
+# The robust fine-tuning baselines, each a whole run in the same processes.
+base = load_config(run_config).name
+for method, extra in [
+    ("lipsum", []),
+    ("carot", ["method_options.teacher_every=2", "caption_templates=simple"]),
+    ("carft", []),
+    ("lpft", ["method_options.probe_epochs=2"]),
+]:
+    train(load_config(run_config, [f"method={method}", f"name={base}-{method}", *extra]))
 """
 
 
@@ -194,12 +204,15 @@ def test_accumulation_on_two_processes_gives_the_full_batch_gradient(launched, n
                 assert rel < 1e-5, (name, k, key, rel)
 
 
-def test_two_process_run_matches_one_process_run(launched):
-    """`trainer run` end to end in two processes: same step losses and final metrics as one process."""
+@pytest.mark.parametrize("method", ["", "-lipsum", "-carot", "-carft", "-lpft"])
+def test_two_process_run_matches_one_process_run(launched, method):
+    """`trainer run` end to end in two processes (starft and each baseline): same step losses and final
+    metrics as one process."""
     _, runs = launched
 
     def steps(tag):
-        rows = [json.loads(ln) for ln in (runs / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
+        path = runs / f"run-{tag}{method}" / "metrics.jsonl"
+        rows = [json.loads(ln) for ln in path.read_text().splitlines()]
         return [r for r in rows if r["kind"] == "step"]
 
     a, b = steps("one"), steps("two")
@@ -207,8 +220,8 @@ def test_two_process_run_matches_one_process_run(launched):
     for ra, rb in zip(a, b):
         for key in ("loss", "contrastive_loss", "reg_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5)
-    ma = json.loads((runs / "run-one" / "metrics.json").read_text())
-    mb = json.loads((runs / "run-two" / "metrics.json").read_text())
+    ma = json.loads((runs / f"run-one{method}" / "metrics.json").read_text())
+    mb = json.loads((runs / f"run-two{method}" / "metrics.json").read_text())
     assert mb["final"]["val"]["n"] == ma["final"]["val"]["n"] == 16  # gather_for_metrics drops the padding
     assert mb["final"]["val"]["top1"] == pytest.approx(ma["final"]["val"]["top1"])
-    assert json.loads((runs / "run-two" / "run.json").read_text())["num_processes"] == 2
+    assert json.loads((runs / f"run-two{method}" / "run.json").read_text())["num_processes"] == 2

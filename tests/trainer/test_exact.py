@@ -209,20 +209,13 @@ def test_a_run_with_grad_accum_ends_where_the_run_without_it_ends(tiny_config):
 # --- 4. the FT head --------------------------------------------------------------------------------
 
 
-def test_ft_head_folds_the_zero_shot_scale_into_its_weights(tiny_config, monkeypatch):
-    heads = []
-    real = train_mod.FineTuner
-
-    def spy(clip, head=None):
-        heads.append((float(clip.logit_scale.exp()), None if head is None else head.clone()))
-        return real(clip, head)
-
-    monkeypatch.setattr(train_mod, "FineTuner", spy)
+def test_ft_head_folds_the_zero_shot_scale_into_its_weights(tiny_config):
     run = train(build_config(tiny_config, ["method=ft", "total_steps=1", "name=ft"]))
-    scale, head = heads[0]
-    assert torch.allclose(head.norm(dim=1), torch.full((4,), scale), rtol=1e-5)  # scale x unit rows
-    model = real(torch.nn.Module(), None)
-    assert model.head is None
+    scale = json.loads((run / "run.json").read_text())["teacher_logit_scale"]
+    start = load_file(str(run / "checkpoints" / "head0.safetensors"))  # the head the run started from
+    assert torch.allclose(start["weight"].norm(dim=1), torch.full((4,), scale), rtol=1e-5)  # s0 x unit rows
+    assert torch.equal(start["bias"], torch.zeros(4))
+    assert FineTuner(torch.nn.Module(), None).head is None
     saved = load_file(str(run / "checkpoints" / "last.head.safetensors"))["weight"]
     assert saved.norm(dim=1).mean() > 0.5 * scale  # what is trained is the scaled head
 

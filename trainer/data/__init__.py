@@ -3,7 +3,7 @@
 from trainer.data import load_image_set, ImageDataset, Collate
 """
 
-from trainer.data.captions import RANDOM_WORDS, SpuriousCaptions
+from trainer.data.captions import RANDOM_WORDS, SpuriousCaptions, TemplateCaptions
 from trainer.data.collate import Collate
 from trainer.data.dataset import EpochSampler, ImageDataset
 from trainer.data.sets import (
@@ -26,6 +26,7 @@ __all__ = [
     "ImageSet",
     "SpuriousCaptions",
     "Template",
+    "TemplateCaptions",
     "fill_template",
     "head_templates",
     "load_image_set",

@@ -9,6 +9,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from trainer.data.sets import fill_template
 from trainer.errors import DataError
 
 # Neutral everyday words for the `spurious: random` ablation (1-3 of them as a caption suffix).
@@ -20,6 +21,25 @@ velvet wagon anchor blanket cotton dinner feather hammer iron jelly kettle lemon
 pepper rocket shadow thunder violin walnut zipper copper desk flame
 """
 RANDOM_WORDS = tuple(_WORDS.split())
+
+
+class TemplateCaptions:
+    """A sample's training caption drawn uniformly from templates (CaRot trains on all 80 OpenAI templates),
+    by (seed, epoch, sample index): the same with any number of processes and after a resume."""
+
+    def __init__(self, templates: Sequence[Any], seed: int):
+        self.templates, self.seed = list(templates), seed  # callables: classname -> caption
+
+    def __call__(self, classname: str, epoch: int, index: int) -> str:
+        rng = random.Random(f"caption-{self.seed}-{epoch}-{index}")
+        return self.templates[rng.randrange(len(self.templates))](classname)
+
+
+def training_caption(caption: str | TemplateCaptions, classname: str, epoch: int, index: int) -> str:
+    """Sample `index`'s training caption at `epoch`: the one template filled, or a drawn one."""
+    if isinstance(caption, TemplateCaptions):
+        return caption(classname, epoch, index)
+    return fill_template(caption, classname)
 
 
 class SpuriousCaptions:

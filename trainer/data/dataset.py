@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from trainer.data.captions import SpuriousCaptions
-from trainer.data.sets import ImageSet, fill_template
+from trainer.data.captions import SpuriousCaptions, TemplateCaptions, training_caption
+from trainer.data.sets import ImageSet
 from trainer.errors import DataError
 
 
@@ -44,7 +44,7 @@ class ImageDataset(Dataset):
         self,
         image_set: ImageSet,
         transform: Callable[[Image.Image], torch.Tensor],
-        caption: str | None = None,
+        caption: str | TemplateCaptions | None = None,
         spurious: SpuriousCaptions | None = None,
         extras: dict[str, torch.Tensor] | None = None,
         augment_seed: int | None = None,
@@ -108,7 +108,7 @@ class ImageDataset(Dataset):
             item[name] = value[i]
         if self.caption is not None:
             classname = self.set.classes[self.set.labels[i]]
-            text = fill_template(self.caption, classname)
+            text = training_caption(self.caption, classname, epoch, i)
             item["caption"] = text
             if self.spurious is not None:
                 item["spurious"] = self.spurious(text, epoch, i, classname)

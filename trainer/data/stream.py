@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.config import DataSpec
-from trainer.data.sets import ImageSet, class_names, fill_template, load_templates
+from trainer.data.captions import TemplateCaptions, training_caption
+from trainer.data.sets import ImageSet, class_names, load_templates
 from trainer.errors import DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -139,7 +140,7 @@ class ShardStream(IterableDataset):
         self,
         s: ShardSet,
         transform: Callable[[Image.Image], torch.Tensor],
-        caption: str | None,
+        caption: str | TemplateCaptions | None,
         spurious: Any,
         seed: int,
         rank: int,
@@ -212,7 +213,7 @@ class ShardStream(IterableDataset):
             i, y = sample["__index__"], self._label(sample)
             item: dict[str, Any] = {"image": self._image(sample, i), "label": y, "index": i}
             if self.caption is not None:
-                text = fill_template(self.caption, self.s.classes[y])
+                text = training_caption(self.caption, self.s.classes[y], self.epoch, i)
                 item["caption"] = text
                 if self.spurious is not None:
                     item["spurious"] = self.spurious(text, self.epoch, i, self.s.classes[y])

@@ -132,7 +132,7 @@ def label_spurious_regions(
     return spurious_mask(report, emb.reshape(N * R, D), top=top).reshape(N, R)
 
 
-def _setup(cfg, train_set, clip, preprocess, tokenizer, loss: str | None = None) -> dict[str, Any]:
+def _setup(cfg, train_set, clip, preprocess, tokenizer, loss: str | None = None, **_: Any) -> dict[str, Any]:
     opts = ravl_options(cfg)
     if loss is not None:  # the named rows (vl_erm, vl_gdro) fix their loss
         opts = opts.model_copy(update={"loss": loss})
@@ -308,3 +308,4 @@ def _spec(name: str, loss: str | None) -> MethodSpec:
 RAVL = _spec("ravl", None)  # method_options.loss picks region (default), erm or gdro
 VL_ERM = _spec("vl_erm", "erm")  # the paper's VL-ERM row
 VL_GDRO = _spec("vl_gdro", "gdro")  # the paper's VL-GDRO row
+METHODS = (RAVL, VL_ERM, VL_GDRO)  # registered by trainer.methods.get_method
