@@ -9,6 +9,7 @@ repeats itself. Every parsed item gets exactly one verdict: accepted, or the fir
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -45,6 +46,11 @@ PROPER_NOUN = "proper noun"
 NOT_VISIBLE = "not visible"
 UNGRAMMATICAL = "ungrammatical"
 SAME_NOUN = "same noun as accepted ones"
+REPEATED = "word repeated"
+ADVERB = "an adverb"
+WRONG_PREPOSITION = "preposition does not fit the noun"
+POSITION = "a position, not a scene"
+NOT_IN_LEXICON = "not a word of the concept's vocabulary"
 
 ARTICLES = {"a", "an", "the"}
 PREPOSITIONS = {
@@ -136,6 +142,22 @@ _BULLET_RE = re.compile(r"^\s*(?:[-*•·+>]+|#+|\(?\d{1,3}\s*[.):-]|\(?[a-z][.)
 _PLACEHOLDER_RE = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|<[^<>]*>")
 _CAPTION_NAMES = {"caption", "class", "classname", "class name", "label", "object", "subject"}
 _PHRASE_RE = re.compile(r"^[a-z][a-z' -]*$")  # no digits: "just 23", "255 characters" are chatter
+# Hyphens join words ("close-up", "out-of-focus", "black-and-white"); a word that starts or ends with one
+# ("beach-side-", "a- town") or chains content words ("beach-side-block") is a broken phrase. A small
+# model copies such forms from the bootstrap examples into every later round (docs/descgen-quality.md §3).
+_HYPHEN_JOINERS = frozenset({"a", "and", "in", "of", "or", "the", "to"})
+
+
+def _broken_hyphens(text: str) -> bool:
+    for word in text.split():
+        if "-" not in word:
+            continue
+        parts = word.split("-")
+        if any(not p for p in parts):  # leading, trailing or doubled hyphen
+            return True
+        if len(parts) > 2 and not all(p in _HYPHEN_JOINERS for p in parts[1:-1]):
+            return True
+    return False
 _QUOTES = "\"'`“”‘’*_"
 
 
@@ -253,6 +275,634 @@ def _has_word(text: str, words: Iterable[str]) -> str | None:
     return next((w for w in words if f" {w} " in padded), None)
 
 
+# Vocabulary that extends prompts/qc.yaml (same keys, merged into its lists) when the default file is
+# used; an explicit `vocab` (tests, --catalog experiments) gets only what it says. Kept here so the rules
+# and their word lists change together (docs/descgen-quality.md); the same keys may move into qc.yaml.
+BUILTIN_VOCAB: dict = {
+    # Nothing a photo shows: plans, activities, company, prestige ("on a luxury cruise", "with friends").
+    "invisible": [
+        "dream",
+        "dreams",
+        "dreamy",
+        "imagination",
+        "memory",
+        "memories",
+        "mission",
+        "journey",
+        "trip",
+        "vacation",
+        "holiday",
+        "adventure",
+        "errand",
+        "movies",
+        "friend",
+        "friends",
+        "family",
+        "families",
+        "luxury",
+        "luxurious",
+        "glamorous",
+        "mysterious",
+        "fancy",
+        "posh",
+        "exclusive",
+        "prestigious",
+        "famous",
+        "secret",
+        "magical",
+        "ethereal",
+        "high-end",
+        "upscale",
+        "upmarket",
+    ],
+    # Not a scene but where the camera or viewer is ("behind the lens").
+    "vague": ["galaxy", "galaxies", "universe", "cosmos", "horizon"],
+    "concepts": {
+        "background": {
+            "invisible": [
+                "lens",
+                "lenses",
+                "camera",
+                "cameras",
+                "viewer",
+                "viewers",
+                "photographer",
+                "tripod",
+                "selfie",
+                "perspective",
+            ],
+            # moonlight and lamps are lighting; a night or starry sky is scene
+            "avoid": ["*lit", "*lights"],
+            # "{prepositions} {head nouns}" that do not go together ("on the planetarium", "at a mountain")
+            "prep_misfits": [
+                [
+                    ["on", "onto", "upon"],
+                    # buildings and rooms are entered, not stood on
+                    [
+                        "planetarium",
+                        "mansion",
+                        "manor",
+                        "museum",
+                        "library",
+                        "hospital",
+                        "church",
+                        "cathedral",
+                        "chapel",
+                        "temple",
+                        "mosque",
+                        "palace",
+                        "castle",
+                        "house",
+                        "hotel",
+                        "motel",
+                        "restaurant",
+                        "cafe",
+                        "café",
+                        "theater",
+                        "theatre",
+                        "cinema",
+                        "school",
+                        "office",
+                        "kitchen",
+                        "room",
+                        "bedroom",
+                        "bathroom",
+                        "classroom",
+                        "hall",
+                        "store",
+                        "shop",
+                        "mall",
+                        "supermarket",
+                        "station",
+                        "airport",
+                        "stadium",
+                        "arena",
+                        "gym",
+                        "bar",
+                        "pub",
+                        "barn",
+                        "factory",
+                        "warehouse",
+                        "garage",
+                        "studio",
+                        "apartment",
+                        "suite",
+                        "cave",
+                        "tunnel",
+                        "building",
+                        # areas are places one is in
+                        "desert",
+                        "forest",
+                        "woods",
+                        "woodland",
+                        "jungle",
+                        "rainforest",
+                        "city",
+                        "cityscape",
+                        "town",
+                        "village",
+                        "countryside",
+                        "valley",
+                        "canyon",
+                        "swamp",
+                        "marsh",
+                        "savanna",
+                        "wilderness",
+                        "park",
+                        "garden",
+                        "zoo",
+                        "market",
+                        "marketplace",
+                    ],
+                ],
+                [
+                    ["at"],
+                    # masses and expanses have no point to be "at"
+                    [
+                        "mountain",
+                        "mountains",
+                        "hill",
+                        "hills",
+                        "forest",
+                        "woods",
+                        "woodland",
+                        "jungle",
+                        "rainforest",
+                        "desert",
+                        "valley",
+                        "countryside",
+                        "sky",
+                        "city",
+                        "cityscape",
+                        "town",
+                        "village",
+                        "meadow",
+                        "swamp",
+                        "marsh",
+                        "savanna",
+                        "wilderness",
+                        "ocean",
+                        "range",
+                    ],
+                ],
+            ],
+            # "{prepositions} {head nouns}" that place the subject rather than show a scene ("*": any)
+            "positions": [
+                [["above", "around", "below", "beyond", "atop", "over"], ["*"]],
+                [
+                    ["outside", "behind", "across"],
+                    [
+                        "mountain",
+                        "mountains",
+                        "range",
+                        "hill",
+                        "hills",
+                        "city",
+                        "cities",
+                        "streets",
+                        "town",
+                        "village",
+                        "sea",
+                        "ocean",
+                        "desert",
+                        "forest",
+                        "woods",
+                        "jungle",
+                        "sky",
+                        "countryside",
+                        "valley",
+                        "island",
+                        "world",
+                        "planet",
+                    ],
+                ],
+            ],
+            # a generic noun with nothing to say what it is ("in a room"; "in a living room" is fine)
+            "bare_vague": ["room", "structure", "space", "interior", "place"],
+        },
+        "resolution": {
+            # colour-depth adjectives without an adjective ending
+            "adjectives": ["grayscale", "greyscale", "duotone", "halftone", "lo-fi", "hi-fi"],
+        },
+        "texture": {
+            # A texture descriptor names a surface or material; these are the words (and stems) that
+            # do. Colours, moods, behaviour, verbs and misspellings ("shinny", "gleeful", "shrugged")
+            # are none of them.
+            "lexicon": [
+                "rough*",
+                "smooth*",
+                "soft",
+                "softened",
+                "hard",
+                "hardened",
+                "fluff*",
+                "fur",
+                "furry",
+                "furred",
+                "fuzz*",
+                "hairy",
+                "haired",
+                "shaggy",
+                "woolly",
+                "wooly",
+                "woollen",
+                "woolen",
+                "fleecy",
+                "fleeced",
+                "downy",
+                "feather*",
+                "scaly",
+                "scaled",
+                "spiky",
+                "spiked",
+                "spiny",
+                "spined",
+                "prickly",
+                "bristl*",
+                "thorny",
+                "bumpy",
+                "lumpy",
+                "knobby",
+                "knobbly",
+                "knotted",
+                "knotty",
+                "gnarl*",
+                "grain*",
+                "gritty",
+                "sandy",
+                "sanded",
+                "dusty",
+                "dusted",
+                "muddy",
+                "grimy",
+                "grimed",
+                "dirty",
+                "greasy",
+                "oily",
+                "oiled",
+                "slimy",
+                "sticky",
+                "tacky",
+                "waxy",
+                "waxed",
+                "gloss*",
+                "shiny",
+                "sheeny",
+                "shimmer*",
+                "glitter*",
+                "sparkl*",
+                "sequin*",
+                "sleek",
+                "slick",
+                "slipper*",
+                "glaz*",
+                "polish*",
+                "varnish*",
+                "lacquer*",
+                "enamel*",
+                "matt",
+                "matte",
+                "satin*",
+                "silky",
+                "silken",
+                "velvet*",
+                "plush*",
+                "leather*",
+                "rubber*",
+                "spongy",
+                "foamy",
+                "frothy",
+                "creamy",
+                "powder*",
+                "chalky",
+                "crumbly",
+                "crumbled",
+                "crust*",
+                "flaky",
+                "peeling",
+                "peeled",
+                "blister*",
+                "pitted",
+                "porous",
+                "pocked",
+                "pockmarked",
+                "dimpl*",
+                "ridg*",
+                "ribbed",
+                "groov*",
+                "fluted",
+                "corrugat*",
+                "quilt*",
+                "padded",
+                "tuft*",
+                "knit*",
+                "woven",
+                "weav*",
+                "braid*",
+                "plait*",
+                "crochet*",
+                "embroider*",
+                "beaded",
+                "studded",
+                "riveted",
+                "stitch*",
+                "fray*",
+                "tatter*",
+                "ragged",
+                "torn",
+                "worn",
+                "threadbare",
+                "weather*",
+                "erod*",
+                "corrod*",
+                "rust*",
+                "tarnish*",
+                "patina*",
+                "moss*",
+                "lichen*",
+                "overgrown",
+                "leafy",
+                "grassy",
+                "icy",
+                "iced",
+                "frost*",
+                "frozen",
+                "snowy",
+                "snow-covered",
+                "wet",
+                "damp",
+                "moist",
+                "soggy",
+                "dewy",
+                "dry",
+                "dried",
+                "parched",
+                "crack*",
+                "chipped",
+                "dented",
+                "scratch*",
+                "scuff*",
+                "scraped",
+                "goug*",
+                "battered",
+                "wrinkl*",
+                "crinkl*",
+                "crumpl*",
+                "creas*",
+                "rumpl*",
+                "scrunch*",
+                "pucker*",
+                "pleat*",
+                "folded",
+                "crimp*",
+                "curly",
+                "curled",
+                "wavy",
+                "frizz*",
+                "tangl*",
+                "matted",
+                "tousl*",
+                "unkempt",
+                "shaven",
+                "shaved",
+                "shorn",
+                "sheared",
+                "bald",
+                "hairless",
+                "stubbl*",
+                "coarse*",
+                "fine",
+                "jagged",
+                "serrat*",
+                "barbed",
+                "crisp*",
+                "brittle",
+                "glassy",
+                "crystal*",
+                "metallic",
+                "wooden",
+                "woody",
+                "stony",
+                "rocky",
+                "pebbl*",
+                "gravel*",
+                "marbl*",
+                "mottl*",
+                "speckl*",
+                "spotted",
+                "spotty",
+                "dotted",
+                "freckl*",
+                "striped",
+                "stripy",
+                "stripey",
+                "streak*",
+                "banded",
+                "checker*",
+                "chequer*",
+                "plaid",
+                "tartan",
+                "pattern*",
+                "transparent",
+                "translucent",
+                "opaque",
+                "reflect*",
+                "iridescent",
+                "pearl*",
+                "mirror*",
+                "chrome",
+                "chromed",
+                "gild*",
+                "plastic",
+                "ceramic",
+                "porcelain",
+                "paper*",
+                "cardboard",
+                "clay*",
+                "tiled",
+                "paved",
+                "cobbl*",
+                "concrete",
+                "plaster*",
+                "stucco*",
+                "painted",
+                "smear*",
+                "splatter*",
+                "spatter*",
+                "stain*",
+                "blotch*",
+                "caked",
+                "encrust*",
+                "uneven",
+                "irregular",
+                "abrasive",
+                "etched",
+                "engraved",
+                "emboss*",
+                "carved",
+                "chisel*",
+                "hammered",
+                "brushed",
+                "burnish*",
+                "buffed",
+                "squish*",
+                "gooey",
+                "gelatin*",
+                "syrup*",
+                "charred",
+                "burnt",
+                "scorch*",
+                "singed",
+                "sooty",
+                "ashy",
+                "calloused",
+                "furrow*",
+                "fibrous",
+                "stringy",
+                "thick",
+                "thin",
+                "dense",
+                "sparse",
+                "flat",
+                "firm",
+                "tender",
+                "supple",
+                "stiff",
+                "raw",
+                "tough",
+                "elastic",
+                "springy",
+                "bouncy",
+                "soapy",
+                "sudsy",
+                "textur*",
+                "surface*",
+                "moss",
+                "silk",
+                "glass",
+                "wood",
+                "stone",
+                "metal",
+                "bark",
+                "canvas",
+                "denim",
+                "lacy",
+                "laced",
+                "meshed",
+                "tweed",
+                "felted",
+                "suede",
+                "linen",
+                "cotton",
+                "skinned",
+                "horned",
+                "bony",
+                "coated",
+                "covered",
+                "made",
+                "chapped",
+            ],
+        },
+    },
+}
+# First and last words of phrases that the rules read structurally.
+_TRAILING = {
+    "above",
+    "below",
+    "beneath",
+    "underneath",
+    "behind",
+    "inside",
+    "outside",
+    "beyond",
+    "nearby",
+    "away",
+    "there",
+    "ahead",
+    "along",
+    "across",
+    "between",
+    "upon",
+    "onto",
+    "toward",
+    "towards",
+    "within",
+    "amid",
+    "amidst",
+    "atop",
+    "next",
+    "up",
+    "down",
+    "off",
+    "out",
+}
+# "-side" words that are nouns ("on a hillside"); others are adjectives ("a beachside hotel").
+_SIDE_NOUNS = {
+    "side",
+    "countryside",
+    "seaside",
+    "hillside",
+    "mountainside",
+    "riverside",
+    "roadside",
+    "wayside",
+    "fireside",
+    "poolside",
+    "lakeside",
+    "waterside",
+    "bedside",
+    "curbside",
+    "kerbside",
+    "quayside",
+    "dockside",
+    "ringside",
+    "streetside",
+    "outside",
+    "inside",
+    "underside",
+    "flipside",
+    "cliffside",
+    "bayside",
+}
+# Nouns ending in "-ed" ("in the riverbed"); any other "-ed" last word of a suffix hangs ("in the castle darkened").
+_ED_NOUNS = ("bed", "shed", "sled", "stead", "reed", "weed", "seed", "feed", "speed", "steed", "breed")
+# Adverb endings: "woefully", "unnaturally" are not adjectives (real "-ly" adjectives: "woolly", "prickly").
+_ADVERB_ENDINGS = (
+    "ally",
+    "fully",
+    "ously",
+    "ively",
+    "ently",
+    "antly",
+    "lessly",
+    "ably",
+    "ibly",
+    "edly",
+    "ishly",
+    "arly",
+    "ingly",
+)
+
+
+def _merged_vocab(v: dict) -> dict:
+    """`v` (qc.yaml's contents) with BUILTIN_VOCAB's lists added, globally and per concept."""
+    out = dict(v)
+    for key, words in BUILTIN_VOCAB.items():
+        if key != "concepts":
+            out[key] = list(v.get(key) or []) + [w for w in words if w not in (v.get(key) or [])]
+    concepts = {k: dict(x or {}) for k, x in (v.get("concepts") or {}).items()}
+    for name, extra in BUILTIN_VOCAB["concepts"].items():
+        per = concepts.setdefault(name, {})
+        for key, words in extra.items():
+            per[key] = list(per.get(key) or []) + [w for w in words if w not in (per.get(key) or [])]
+    out["concepts"] = concepts
+    return out
+
+
+def _pairs(raw) -> tuple[tuple[frozenset[str], frozenset[str]], ...]:
+    return tuple((frozenset(a), frozenset(b)) for a, b in (raw or []))
+
+
 @dataclass(frozen=True)
 class Rules:
     """What an acceptable descriptor of one concept looks like."""
@@ -281,13 +931,17 @@ class Rules:
     bad_patterns: tuple[str, ...] = ()
     max_same_noun: int = 0  # 0: off; else at most this many accepted phrases share a head noun
     noun_groups: tuple[frozenset[str], ...] = ()
+    lexicon: frozenset[str] = frozenset()  # if set, a phrase needs one of these words (globs)
+    prep_misfits: tuple[tuple[frozenset[str], frozenset[str]], ...] = ()  # (first words, head nouns)
+    positions: tuple[tuple[frozenset[str], frozenset[str]], ...] = ()  # (first words, head-noun globs)
+    bare_vague: frozenset[str] = frozenset()  # head nouns that are vague with no modifier
 
 
 def rules_for(
     concept: str, form: Form, entry=None, classes: Iterable[str] = (), concept_names=(), vocab=None
 ) -> Rules:
     """Rules from a catalog entry and prompts/qc.yaml (or defaults for a concept neither knows)."""
-    v = load_vocab() if vocab is None else vocab
+    v = _merged_vocab(load_vocab()) if vocab is None else vocab
     per = (v.get("concepts") or {}).get(concept) or {}
     return Rules(
         concept=concept,
@@ -313,6 +967,10 @@ def rules_for(
         bad_patterns=tuple(v.get("bad_patterns") or []) + tuple(per.get("bad_patterns") or []),
         max_same_noun=int(per.get("max_same_noun", v.get("max_same_noun", 0))),
         noun_groups=tuple(frozenset(g) for g in (v.get("noun_groups") or [])),
+        lexicon=frozenset(per.get("lexicon") or []),
+        prep_misfits=_pairs(per.get("prep_misfits")),
+        positions=_pairs(per.get("positions")),
+        bare_vague=frozenset(per.get("bare_vague") or []),
     )
 
 
@@ -377,7 +1035,7 @@ def judge(item: str, rules: Rules, form: Form | None = None) -> tuple[str, str |
     bare = normalize(_PLACEHOLDER_RE.sub(" ", text))
     if not bare:
         return text, EMPTY
-    if not _PHRASE_RE.match(bare) or _has_word(bare, SENTENCE_WORDS):
+    if not _PHRASE_RE.match(bare) or _broken_hyphens(bare) or _has_word(bare, SENTENCE_WORDS):
         return text, NOT_PHRASE
     if holes:
         names = {h.strip("{}[]<> ").replace("_", " ") for h in holes}
@@ -397,6 +1055,11 @@ def judge(item: str, rules: Rules, form: Form | None = None) -> tuple[str, str |
         return text, TOO_LONG
     if not m and (words[-1] in ARTICLES | PREPOSITIONS or words[-1].endswith("'")):
         return text, INCOMPLETE
+    if rules.form == "suffix" and len(words) > 1 and words[-1] in _TRAILING:
+        return text, INCOMPLETE  # "on the hill above"
+    reason = _structure(core, rules)
+    if reason:
+        return text, reason
     if _proper_noun(item, text, rules):
         return text, PROPER_NOUN
     if any(re.search(p, text) for p in rules.bad_patterns):
@@ -420,6 +1083,47 @@ def judge(item: str, rules: Rules, form: Form | None = None) -> tuple[str, str |
     return text, _vocabulary(core, rules)
 
 
+def _structure(text: str, rules: Rules) -> str | None:
+    """Rules on the phrase's shape: a word said twice, an adverb for an adjective, a suffix whose last
+    word hangs or whose preposition does not fit its noun, a position instead of a scene."""
+    words = text.split()
+    content = content_words(text)
+    if len(set(content)) < len(content):
+        return REPEATED  # "in the desert desert", "slippy slippy"
+    if rules.form == "prefix":
+        if any(
+            w.endswith(_ADVERB_ENDINGS) and w not in rules.modifiers and w not in rules.adjectives
+            for w in words[-1:]
+        ):
+            return ADVERB  # "woefully"; "slightly blurred" is a modifier and an adjective
+        return None
+    if len(words) < 2:
+        return None
+    first, last = words[0], words[-1]
+    if last.endswith("ed") and len(content) > 1 and not last.endswith(_ED_NOUNS):
+        return UNGRAMMATICAL  # "in the castle darkened": a participle after the noun
+    if last.endswith("side") and last not in _SIDE_NOUNS:
+        return UNGRAMMATICAL  # "in a beachside": an adjective with no noun
+    head = content[-1] if content else ""
+    if first == "outside" and len(words) > 2 and words[1] == "of":
+        first = "outside"  # "outside of a mountain range" reads as "outside a mountain range"
+    for preps, nouns in rules.positions:
+        if first in preps and (_matches(head, nouns) or _matches(last, nouns)):
+            return POSITION  # "above the mountains", "outside the city streets"
+    np = []  # the first noun phrase: up to the next preposition ("on the outskirts | of town")
+    for w in words[1:]:
+        if w in PREPOSITIONS:
+            break
+        np.append(w)
+    np_head = re.sub(r"'s?$", "", np[-1]) if np else ""
+    for preps, nouns in rules.prep_misfits:
+        if first in preps and np_head in nouns:
+            return WRONG_PREPOSITION  # "on the planetarium", "at a mountain"
+    if head in rules.bare_vague and len(content) == 1:
+        return VAGUE  # "in a room"
+    return None
+
+
 def _vocabulary(text: str, rules: Rules) -> str | None:
     """The word-level rules (prompts/qc.yaml): invented words, vague words, other concepts' words,
     the concept's keywords, and adjectives for prefix descriptors."""
@@ -438,7 +1142,8 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
                 return COINED  # "glossy-varnished"; "over-exposed" is fine
     if rules.form == "prefix" and any(_coined_y(w, rules) for w in content):
         return COINED  # "smoothy": an adjective with a -y glued on
-    if any(_matches(w, rules.invisible) for w in content):
+    bigrams = [f"{a}-{b}" for a, b in itertools.pairwise(content)]  # "high end" ~ "high-end"
+    if any(_matches(w, rules.invisible) for w in content + bigrams):
         return NOT_VISIBLE  # "in the heat", "tasty"
     if any(_matches(w, rules.vague) for w in content):
         return VAGUE  # "in a location", "in the scene"
@@ -454,6 +1159,8 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
             m not in rules.modifiers and not _adjective_shaped(m, rules) for m in mods
         ):
             return NOT_ADJECTIVE  # "silk", "glass", "overexposure"
+    if rules.lexicon and not any(_matches(w, rules.lexicon) for w in content):
+        return NOT_IN_LEXICON  # texture: "gleeful", "shinny", "verdant" name no surface
     return None
 
 

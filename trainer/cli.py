@@ -184,7 +184,7 @@ def report(
     png: Annotated[Path | None, typer.Option(help="also write the table as a PNG image")] = None,
     md: Annotated[Path | None, typer.Option(help="also write the markdown to a file")] = None,
 ) -> None:
-    """Runs as one table in the paper's form (ID, OOD sets, OOD avg, worst and average group); markdown."""
+    """Runs as one table in the paper's form (ID, OOD sets, OOD avg, worst and average group, ID and OOD ECE)."""
     if checkpoint not in ("auto", "final", "best"):
         raise typer.BadParameter("must be auto, final or best", param_hint="--checkpoint")
     try:

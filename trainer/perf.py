@@ -72,6 +72,9 @@ class OneDevice:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def unwrap_model(self, model):
+        return getattr(model, "_orig_mod", model)  # a torch.compile'd module keeps the original here
+
 
 @dataclass
 class Row:

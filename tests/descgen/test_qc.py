@@ -242,3 +242,91 @@ def test_new_reasons_are_recorded_in_the_summary():
     rows = {r[0]: r[1:] for r in c.summary()}
     assert rows["accepted"] == (1, 1)
     assert rows[qc.VAGUE] == (1, 1) and rows[qc.OTHER_CONCEPT] == (1, 1) and rows[qc.UNKNOWN_WORD] == (1, 1)
+
+
+# --- rules of docs/descgen-quality.md (issue 21, part 2) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "item, rules, reason",
+    [
+        # a content word said twice is a garbled sample
+        ("in the forest forest", BG, qc.REPEATED),
+        ("bumpy bumpy", TEX, qc.REPEATED),
+        ("in a field of grass", BG, None),
+        # adverbs are not adjectives; "-ly" adjectives and modifiers are
+        ("gracefully", TEX, qc.ADVERB),
+        ("beautifully", RES, qc.ADVERB),
+        ("prickly", TEX, None),
+        ("slightly blurred", RES, None),
+        # a suffix ending in a preposition-like word or a participle has lost its noun
+        ("near the river below", BG, qc.INCOMPLETE),
+        ("in the garden painted", BG, qc.UNGRAMMATICAL),
+        ("on the riverbed", BG, None),
+        # "-side" adjectives used as nouns; real "-side" nouns are fine
+        ("in a lakeside", BG, None),
+        ("at an oceanside", BG, qc.UNGRAMMATICAL),
+        ("on a hillside", BG, None),
+        # a preposition that does not fit the noun (the first noun phrase's head)
+        ("on the museum", BG, qc.WRONG_PREPOSITION),
+        ("on a jungle", BG, qc.WRONG_PREPOSITION),
+        ("at a hill", BG, qc.WRONG_PREPOSITION),
+        ("in the museum", BG, None),
+        ("at a lake", BG, None),
+        ("on a museum roof", BG, None),
+        ("on the edge of town", BG, qc.VAGUE),  # "edge" is vague already; the misfit reads "edge", not "town"
+        ("on the outskirts of town", BG, None),
+        # where the subject is rather than what is behind it
+        ("above the clouds", BG, qc.POSITION),
+        ("around a lake", BG, qc.POSITION),
+        ("behind the hills", BG, qc.POSITION),
+        ("outside of the city", BG, qc.POSITION),
+        ("behind a fence", BG, None),
+        ("outside a bakery", BG, None),
+        # the camera, plans, company and prestige are not in the picture
+        ("through the camera", BG, qc.NOT_VISIBLE),
+        ("on a hiking trip", BG, qc.NOT_VISIBLE),
+        ("with her family", BG, qc.NOT_VISIBLE),
+        ("in a posh hotel", BG, qc.NOT_VISIBLE),
+        ("at a high end bar", BG, qc.NOT_VISIBLE),
+        ("in a quiet galaxy", BG, qc.NOT_VISIBLE),
+        ("in the universe", BG, qc.VAGUE),
+        ("at the horizon", BG, qc.VAGUE),
+        # lamp- or moonlight is lighting; a night sky and the moon's surface are scenes
+        ("under a sunlit sky", BG, qc.OTHER_CONCEPT),
+        ("near the city lights", BG, qc.OTHER_CONCEPT),
+        ("on the moon", BG, None),
+        ("under the stars", BG, None),
+        # a bare generic noun says nothing; with a modifier it does
+        ("in a space", BG, qc.VAGUE),
+        ("in a dining room", BG, None),
+        # texture: a word of the surface and material vocabulary
+        ("corrugated", TEX, None),
+        ("pebbly", TEX, None),
+        ("frizzy", TEX, None),
+        ("cheerful", TEX, qc.NOT_IN_LEXICON),  # a mood
+        ("reddish", TEX, qc.NOT_IN_LEXICON),  # a colour
+        ("shiney", TEX, qc.NOT_IN_LEXICON),  # misspelt
+        ("jumped", TEX, qc.NOT_IN_LEXICON),  # a verb
+        ("{} made of clay", TEX, None),
+        ("{} with a lumpy surface", TEX, None),
+        # hyphens join words; a stray or chained one is a broken phrase
+        ("near a river-", BG, qc.NOT_PHRASE),
+        ("in a- village", BG, qc.NOT_PHRASE),
+        ("in a park-side-path", BG, qc.NOT_PHRASE),
+        ("on a tree--lined street", BG, qc.NOT_PHRASE),
+        ("on a tree-lined street", BG, None),
+        ("out-of-focus", RES, None),
+    ],
+)
+def test_quality_rules(item, rules, reason):
+    assert judge(item.replace("{} ", ""), rules, "suffix" if item.startswith("{}") else None)[1] == reason
+
+
+def test_builtin_vocab_only_with_the_default_file():
+    bare = rules_for("texture", "prefix", CAT.get("texture"), CAT.classes, NAMES, vocab={})
+    assert judge("cheerful", bare)[1] is None and not bare.lexicon
+    assert (
+        judge("on the museum", rules_for("background", "suffix", CAT.get("background"), vocab={}))[1] is None
+    )
+    assert "lens" in BG.invisible and TEX.lexicon

@@ -85,6 +85,17 @@ def test_paper_imagenet_recipe(data_root, tiny_bank, monkeypatch):
     assert (plan["bank"]["descriptors"], plan["bank"]["concepts"]) == (3, ["background"])
 
 
+@pytest.mark.parametrize("method", ["lipsum", "carot", "carft", "lpft"])
+def test_baseline_recipes_validate_with_their_options(data_root, tiny_bank, monkeypatch, method):
+    monkeypatch.chdir(data_root)
+    plan = dry_run(f"imagenet-vitb16-{method}.yaml", tiny_bank)
+    assert plan["method"] == method and plan["model"] == "ViT-B-16"
+    assert _sets(plan)["train"] == ("train", "imagenet", 1000, 0)
+    r = runner.invoke(app, ["run", "-c", str(CONFIGS / f"imagenet-vitb16-{method}.yaml"), "--dry-run",
+                            "--set", "method_options.no_such_option=1"])  # fmt: skip
+    assert r.exit_code != 0 and "no_such_option" in r.output and "Traceback" not in r.output
+
+
 def test_group_shift_and_transfer_recipes(data_root, tiny_bank, monkeypatch):
     monkeypatch.chdir(data_root)
     plan = dry_run("groupshift-zeroshot-vitb16.yaml", tiny_bank)

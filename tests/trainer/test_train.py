@@ -22,6 +22,15 @@ from trainer.step import compute_losses
 from trainer.train import train
 
 
+def _approx_tree(tree):
+    """Nested metrics with every float wrapped in pytest.approx (tight: 1e-6 relative)."""
+    if isinstance(tree, dict):
+        return {k: _approx_tree(v) for k, v in tree.items()}
+    if isinstance(tree, float):
+        return pytest.approx(tree, rel=1e-6, abs=1e-9)
+    return tree
+
+
 def _rows(run: Path, kind: str) -> list[dict]:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
@@ -131,8 +140,10 @@ def test_wise_endpoints(tiny_config, method):
     run = train(build_config(tiny_config, [f"method={method}", f"name=ft-{method}"]))
     zero = json.loads((wise(run, 0.0) / "metrics.json").read_text())["final"]
     one = json.loads((wise(run, 1.0) / "metrics.json").read_text())["final"]
-    assert zero == json.loads((zs / "metrics.json").read_text())["final"]
-    assert one == json.loads((run / "metrics.json").read_text())["final"]
+    # Accuracies match exactly; ECE is a float of the logits, which for ft come from the folded head
+    # (head0) rather than the text tower, so it may differ in the last bits.
+    assert zero == _approx_tree(json.loads((zs / "metrics.json").read_text())["final"])
+    assert one == _approx_tree(json.loads((run / "metrics.json").read_text())["final"])
     half = wise(run, 0.5)
     assert (half / "model.safetensors").is_file() and half.name == "alpha-0.5"
 
