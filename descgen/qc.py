@@ -158,6 +158,8 @@ def _broken_hyphens(text: str) -> bool:
         if len(parts) > 2 and not all(p in _HYPHEN_JOINERS for p in parts[1:-1]):
             return True
     return False
+
+
 _QUOTES = "\"'`“”‘’*_"
 
 
