@@ -9,7 +9,8 @@ ObjectNet's 113) is scored by projecting the training-class logits onto its clas
 training classes each of its classes maps to), for a trained head and for the zero-shot text head alike.
 
 Every set also gets `ece`: the expected calibration error (%, 10 equal-width bins, L1;
-`expected_calibration_error`) of the softmax of the logits its prediction is the argmax of. Those logits
+`expected_calibration_error`), and `confidence` (the mean of the same confidences, %; against top1 it says
+whether the model is over- or underconfident), of the softmax of the logits its prediction is the argmax of. Those logits
 are, for the zero-shot text head, the model's logit scale times the cosine similarities (CLIP's logits);
 for a trained linear head (method ft), the head's logits (its weights carry the scale). For a set scored
 by projection (`class_map`), the softmax is over the projected logits, i.e. over the set's own classes:
@@ -113,12 +114,14 @@ def accuracy_metrics(
     group_keys: list[str | None],
     confidences: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """top1 (in %), n, with `confidences` ((N,) the probability of each prediction) ece (in %, 10 bins), and
-    for grouped sets per_group, worst_group, worst3_mean, group_mean."""
+    """top1 (in %), n, with `confidences` ((N,) the probability of each prediction) ece (in %, 10 bins) and
+    confidence (the mean confidence, %: above top1 is overconfident, below is underconfident, which ECE
+    alone does not say), and for grouped sets per_group, worst_group, worst3_mean, group_mean."""
     correct = (preds == labels).float()
     out: dict[str, Any] = {"top1": 100.0 * correct.mean().item() if len(correct) else 0.0, "n": len(correct)}
     if confidences is not None:
         out["ece"] = 100.0 * expected_calibration_error(confidences, correct)
+        out["confidence"] = 100.0 * confidences.double().mean().item() if len(correct) else 0.0
     if any(k is not None for k in group_keys):
         accs: dict[str, float] = {}
         for key in sorted({k for k in group_keys if k is not None}):

@@ -94,7 +94,10 @@ def test_known_cases():
     m = accuracy_metrics(preds, labels, [None] * 50, torch.ones(50))
     assert m["top1"] == 0.0 and m["ece"] == pytest.approx(100.0)
     m = accuracy_metrics(preds, labels, [None] * 50, torch.full((50,), 0.999))
-    assert m["ece"] == pytest.approx(99.9)
+    assert m["ece"] == pytest.approx(99.9) and m["confidence"] == pytest.approx(99.9)
+    # underconfident and right: confidence below top-1 (ECE alone has no sign)
+    m = accuracy_metrics(labels, labels, [None] * 50, torch.full((50,), 0.3))
+    assert m["top1"] == 100.0 and m["confidence"] == pytest.approx(30.0) and m["ece"] == pytest.approx(70.0)
     # always right at confidence 1: 0; no samples: 0, as top-1
     assert expected_calibration_error(torch.ones(7), torch.ones(7, dtype=torch.bool)) == 0.0
     assert expected_calibration_error(torch.ones(0), torch.ones(0, dtype=torch.bool)) == 0.0
