@@ -266,10 +266,11 @@ def image_features(clip: nn.Module, image_set, preprocess, accelerator, batch_si
     (es,) = make_eval_sets([image_set], preprocess, batch_size, accelerator)
     was_training = clip.training
     clip.eval()
+    device = next(clip.parameters()).device
     feats, index = [], []
     for batch in es.loader:
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            f = clip.encode_image(batch["image"], normalize=True).float()
+            f = clip.encode_image(batch["image"].to(device), normalize=True).float()
         i = batch["index"]
         if accelerator is not None:
             f, i = accelerator.gather_for_metrics((f, i))

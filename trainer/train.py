@@ -166,6 +166,9 @@ def build(cfg: TrainConfig, inputs: Inputs, run_dir: Path) -> Run:
 
     set_seed(cfg.seed)  # the same seed before build_clip as `trainer wise` uses, so random inits agree
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained)
+    # on the run's device before any method's setup: LP-FT's probe features and RaVL's region labels run
+    # the model over the training set on batches that accelerate has already put on that device
+    clip.to(accelerator.device)
     teacher_model = (method.make_teacher or make_teacher)(clip) if method.needs_teacher else None
     # before training, with the initial model (RaVL labels the regions of every training image here; LP-FT
     # trains its probe)
