@@ -194,7 +194,7 @@ def _teacher(
 
 
 def _context(
-    method: MethodSpec,
+    *,
     cfg: TrainConfig,
     feats: Tensors,
     logit_scale,
@@ -209,6 +209,8 @@ def _context(
     model,
     param_pass: bool,
 ) -> StepContext:
+    """What a method's `reg_term` reads: the student's features `feats` (with gradient), the teacher's
+    `teacher_feats` (without), the batch's `data`, the step, and the models (`teacher`, the unwrapped CLIP)."""
     return StepContext(
         cfg,
         data,
@@ -259,8 +261,11 @@ def loss_terms(
     )
     if method.reg_term is None:
         return {"contrastive_loss": lc, "reg_loss": lc.detach() * 0, "loss": lc}
-    ctx = _context(method, cfg, feats, logit_scale, data, teacher, kl_scale, step, epoch, state, accelerator,
-                   teacher_features, model, param_pass)  # fmt: skip
+    ctx = _context(
+        cfg=cfg, feats=feats, logit_scale=logit_scale, data=data, teacher_feats=teacher, kl_scale=kl_scale,
+        step=step, epoch=epoch, state=state, accelerator=accelerator, teacher=teacher_features, model=model,
+        param_pass=param_pass,
+    )  # fmt: skip
     reg = method.reg_term(ctx)
     loss = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
     return {"contrastive_loss": lc, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
@@ -288,8 +293,11 @@ def _ce_terms(
         return {"contrastive_loss": ce, "reg_loss": ce.detach() * 0, "loss": ce}
     feats = {"image": out["image"]}
     t = _teacher(teacher, batch, method, accelerator, gather=False)
-    ctx = _context(method, cfg, feats, out["logit_scale"], _batch_data(batch), t, 1.0, step, epoch, state,
-                   accelerator, teacher, model, param_pass)  # fmt: skip
+    ctx = _context(
+        cfg=cfg, feats=feats, logit_scale=out["logit_scale"], data=_batch_data(batch), teacher_feats=t,
+        kl_scale=1.0, step=step, epoch=epoch, state=state, accelerator=accelerator, teacher=teacher,
+        model=model, param_pass=param_pass,
+    )  # fmt: skip
     reg = method.reg_term(ctx)
     loss = method.combine(ctx, ce, reg, lam) if method.combine else ce + lam * reg
     return {"contrastive_loss": ce, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
