@@ -222,6 +222,31 @@ def test_probe_fits_separable_features_and_is_deterministic():
     assert (feats @ a["weight"].T + a["bias"]).argmax(1).eq(labels).all()
 
 
+def test_probe_features_reach_the_model_on_its_device(tiny_clip, image_data):
+    """On a GPU the loader's batches are on cuda and the model may not be; image_features moves each batch
+    to the model. Here the model sits on the meta device, which a CPU batch cannot enter unmoved."""
+    from tests.conftest import CLASSES_A
+    from trainer.baselines import image_features
+    from trainer.config import DataSpec
+    from trainer.data.sets import load_image_set
+
+    class OnMeta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen: list[str] = []
+
+        def encode_image(self, x, normalize=False):
+            self.seen.append(x.device.type)
+            return torch.ones(len(x), 4)
+
+    _, preprocess, _ = build_clip(str(tiny_clip), None)
+    image_set = load_image_set(DataSpec(path=str(image_data["train"]), classes=CLASSES_A), "simple")
+    model = OnMeta()
+    feats = image_features(model, image_set, preprocess, None, batch_size=8)
+    assert feats.shape == (len(image_set), 4) and model.seen == ["meta"] * math.ceil(len(image_set) / 8)
+
+
 def test_lpft_starts_stage_two_from_its_probe(tiny_config):
     opts = ["method=lpft", "total_steps=2", "name=lpft", "method_options.probe_epochs=3"]
     run = train(build_config(tiny_config, opts))
