@@ -86,12 +86,18 @@ def run(
         run_dir = train(cfg, resume=resume)
     except USER_ERRORS as e:
         fail(str(e))
+    _print_and_end(run_dir)
+
+
+def _print_and_end(path: Path) -> None:
+    """Print the output directory once, and end a launched command's process group (train() and wise()
+    leave it for callers that go on): a gloo or NCCL group left to the interpreter's exit can abort it."""
     from accelerate import PartialState
 
     state = PartialState()
     if state.is_main_process:
-        out.print(str(run_dir), markup=False, highlight=False)
-    state.destroy_process_group()  # the end of a launched run (train() leaves it for callers that go on)
+        out.print(str(path), markup=False, highlight=False)
+    state.destroy_process_group()
 
 
 @app.command()
@@ -111,7 +117,7 @@ def wise(
         path = wise_fn(run_dir, alpha, checkpoint)  # type: ignore[arg-type]
     except USER_ERRORS as e:
         fail(str(e))
-    out.print(str(path), markup=False, highlight=False)
+    _print_and_end(path)
 
 
 @app.command()

@@ -236,6 +236,10 @@ s = load_image_set(DataSpec(path=csv_path, classes=classes, name="val"), "simple
 m = evaluate_sets(clip, tokenizer, make_eval_sets([s], preprocess, 3, acc), acc)
 if acc.is_main_process:
     json.dump({"processes": acc.num_processes, "metrics": m}, open(out, "w"))
+# As `trainer run` ends: a gloo group left to the interpreter's exit can abort the process ("terminate
+# called without an active exception", seen once in CI).
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 """
 
 
