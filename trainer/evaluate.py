@@ -9,11 +9,11 @@ ObjectNet's 113) is scored by projecting the training-class logits onto its clas
 training classes each of its classes maps to), for a trained head and for the zero-shot text head alike.
 
 Every set also gets `ece`: the expected calibration error (%, 10 equal-width bins, L1;
-`expected_calibration_error`), and `confidence` (the mean of the same confidences, %; against top1 it says
-whether the model is over- or underconfident), of the softmax of the logits its prediction is the argmax of. Those logits
-are, for the zero-shot text head, the model's logit scale times the cosine similarities (CLIP's logits);
-for a trained linear head (method ft), the head's logits (its weights carry the scale). For a set scored
-by projection (`class_map`), the softmax is over the projected logits, i.e. over the set's own classes:
+`expected_calibration_error`), and `confidence` (the mean of the same confidences, %; against top1 it
+says whether the model is over- or underconfident), of the softmax of the logits its prediction is the
+argmax of. Those logits are, for the zero-shot text head, the model's logit scale times the cosine
+similarities (CLIP's logits); for a trained linear head (method ft), the head's logits (its weights carry
+the scale). For a set scored by projection (`class_map`), the softmax is over the projected logits, i.e. over the set's own classes:
 the confidence is that of the prediction among the classes the set can be right about, from the same
 distribution the prediction is the argmax of (as CaRot, which projects before the softmax); not the
 training-class softmax summed or maxed over each class's members. The prediction itself is the argmax

@@ -233,6 +233,14 @@ def _context(
     )
 
 
+def _with_reg_term(method: MethodSpec, ctx: StepContext, base: torch.Tensor, lam: float) -> Tensors:
+    """The method's regulariser on top of the base loss (contrastive or CE), combined its way (default
+    base + lam·reg), with the terms it logs."""
+    reg = method.reg_term(ctx)
+    loss = method.combine(ctx, base, reg, lam) if method.combine else base + lam * reg
+    return {"contrastive_loss": base, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
+
+
 def _unwrap(model, accelerator):
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
@@ -266,9 +274,7 @@ def loss_terms(
         step=step, epoch=epoch, state=state, accelerator=accelerator, teacher=teacher_features, model=model,
         param_pass=param_pass,
     )  # fmt: skip
-    reg = method.reg_term(ctx)
-    loss = method.combine(ctx, lc, reg, lam) if method.combine else lc + lam * reg
-    return {"contrastive_loss": lc, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
+    return _with_reg_term(method, ctx, lc, lam)
 
 
 def _ce_terms(
@@ -298,9 +304,7 @@ def _ce_terms(
         kl_scale=1.0, step=step, epoch=epoch, state=state, accelerator=accelerator, teacher=teacher,
         model=model, param_pass=param_pass,
     )  # fmt: skip
-    reg = method.reg_term(ctx)
-    loss = method.combine(ctx, ce, reg, lam) if method.combine else ce + lam * reg
-    return {"contrastive_loss": ce, "reg_loss": reg, "loss": loss, **ctx.extras.get("log", {})}
+    return _with_reg_term(method, ctx, ce, lam)
 
 
 def compute_losses(

@@ -239,7 +239,8 @@ if acc.is_main_process:
 # As `trainer run` ends: a gloo group left to the interpreter's exit can abort the process ("terminate
 # called without an active exception", seen once in CI).
 acc.wait_for_everyone()
-torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
