@@ -51,6 +51,11 @@ ADVERB = "an adverb"
 WRONG_PREPOSITION = "preposition does not fit the noun"
 POSITION = "a position, not a scene"
 NOT_IN_LEXICON = "not a word of the concept's vocabulary"
+NOT_SCENE = "not a scene"
+TWO_ADJECTIVES = "two adjectives"
+# Rules that keep a run's descriptors varied rather than plausible ("glossy smooth" and "smooth glossy"
+# are both plausible; the tenth "in a ... city" too): a plausibility label cannot judge them.
+DIVERSITY_RULES = frozenset({TWO_ADJECTIVES, SAME_NOUN})
 
 ARTICLES = {"a", "an", "the"}
 PREPOSITIONS = {
@@ -392,6 +397,9 @@ class Rules:
     prep_misfits: tuple[tuple[frozenset[str], frozenset[str]], ...] = ()  # (first words, head nouns)
     positions: tuple[tuple[frozenset[str], frozenset[str]], ...] = ()  # (first words, head-noun globs)
     bare_vague: frozenset[str] = frozenset()  # head nouns that are vague with no modifier
+    scene_nouns: frozenset[str] = frozenset()  # if set, a suffix's scene head must be one (globs)
+    part_nouns: frozenset[str] = frozenset()  # "edge", "depths": the scene is what they are part of
+    max_adjectives: int = 0  # 0: off; else a prefix descriptor holds at most this many (modifiers aside)
 
 
 def rules_for(
@@ -428,6 +436,9 @@ def rules_for(
         prep_misfits=_pairs(per.get("prep_misfits")),
         positions=_pairs(per.get("positions")),
         bare_vague=frozenset(per.get("bare_vague") or []),
+        scene_nouns=frozenset(per.get("scene_nouns") or []),
+        part_nouns=frozenset(per.get("part_nouns") or []),
+        max_adjectives=int(per.get("max_adjectives", 0)),
     )
 
 
@@ -540,13 +551,26 @@ def judge(item: str, rules: Rules, form: Form | None = None) -> tuple[str, str |
     return text, _vocabulary(core, rules)
 
 
+def _wrong_article(article: str, word: str) -> bool:
+    """ "a island", "an forest": the article does not fit the next word's sound (u- and h- words are
+    left alone: "a university", "an hour")."""
+    if article == "a":
+        return word[:1] in ("a", "e", "i", "o") and not word.startswith(("one", "once"))
+    if article == "an":
+        return bool(word) and word[0] not in "aeiouh"
+    return False
+
+
 def _structure(text: str, rules: Rules) -> str | None:
-    """Rules on the phrase's shape: a word said twice, an adverb for an adjective, a suffix whose last
-    word hangs or whose preposition does not fit its noun, a position instead of a scene."""
+    """Rules on the phrase's shape: a word said twice, an article that does not fit, an adverb for an
+    adjective, a suffix whose last word hangs or whose preposition does not fit its noun, a position
+    instead of a scene."""
     words = text.split()
     content = content_words(text)
     if len(set(content)) < len(content):
         return REPEATED  # "in the desert desert", "slippy slippy"
+    if any(_wrong_article(a, b) for a, b in itertools.pairwise(words)):
+        return UNGRAMMATICAL  # "on a island"
     if rules.form == "prefix":
         if any(
             w.endswith(_ADVERB_ENDINGS) and w not in rules.modifiers and w not in rules.adjectives
@@ -608,6 +632,9 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
         return OTHER_CONCEPT  # "at night" under background
     if rules.keywords and not any(_matches(w, rules.keywords) for w in content):
         return OFF_CONCEPT  # "on the beach" under weather
+    n_adjectives = len([w for w in text.split() if w not in rules.modifiers])
+    if rules.form == "prefix" and rules.max_adjectives and n_adjectives > rules.max_adjectives:
+        return TWO_ADJECTIVES  # "glossy smooth": one descriptor names one texture
     if rules.form == "prefix" and (rules.adjectives or rules.modifiers):
         *mods, head = text.split()
         if head in rules.modifiers and head not in rules.adjectives:
@@ -616,9 +643,66 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
             m not in rules.modifiers and not _adjective_shaped(m, rules) for m in mods
         ):
             return NOT_ADJECTIVE  # "silk", "glass", "overexposure"
+    if rules.form == "prefix" and rules.lexicon:
+        stems = {p[:-1] for p in rules.lexicon if p.endswith("*")}
+        if any(w in stems and w not in rules.adjectives for w in content):
+            return NOT_ADJECTIVE  # "polish" for polish*, "crystal" for crystal*: the noun or verb
     if rules.lexicon and not any(_matches(w, rules.lexicon) for w in content):
         return NOT_IN_LEXICON  # texture: "gleeful", "shinny", "verdant" name no surface
+    if (
+        rules.form == "suffix"
+        and rules.scene_nouns
+        and not _noun_in(scene_head(text, rules), rules.scene_nouns)
+    ):
+        return NOT_SCENE  # "in a story", "at a game", "with a hat"
     return None
+
+
+def _noun_in(word: str, patterns: Iterable[str]) -> bool:
+    """Does the noun, or its singular ("cliffs", "ruins" -> "ruin", "cities" -> "city"), match?"""
+    forms = {word}
+    if word.endswith("ies"):
+        forms.add(word[:-3] + "y")
+    if word.endswith("es"):
+        forms.add(word[:-2])
+    if word.endswith("s"):
+        forms.add(word[:-1])
+    return bool(word) and any(_matches(f, patterns) for f in forms)
+
+
+def scene_head(text: str, rules: Rules) -> str:
+    """The noun that names a suffix descriptor's scene: the last word of its first noun phrase after
+    the opening preposition(s) ("in a crowded **city**", "surrounded by **wildlife**"). A part noun
+    gives way to what it is part of: "on the edge of a **cliff**", "in the **sea**'s depths"."""
+    words = text.split()
+    i = 1
+    while i < len(words) and words[i] in PREPOSITIONS:
+        i += 1
+    head = ""
+    while i < len(words):
+        np = []
+        while i < len(words) and words[i] not in PREPOSITIONS:
+            np.append(words[i])
+            i += 1
+        while len(np) > 1 and np[-1] in _TRAILING | {"around"}:
+            np.pop()  # "with fish around"
+        if not np:
+            break
+        head = re.sub(r"'s?$", "", np[-1])
+        if not _noun_in(head, rules.part_nouns):
+            return head
+        owner = next((re.sub(r"'s?$", "", w) for w in np[:-1] if w.endswith(("'s", "'"))), None)
+        if owner:
+            return owner  # "the sea's depths"
+        if len(np) > 1 and np[-2] not in ARTICLES and not (i < len(words) and words[i] == "of"):
+            return np[-2]  # "a cliff face", "the mountain top"
+        if i < len(words) and words[i] == "of":
+            i += 1  # "the edge of | a cliff"
+            while i < len(words) and words[i] in PREPOSITIONS:
+                i += 1
+            continue
+        break
+    return head
 
 
 def head_noun(text: str, rules: Rules) -> str:

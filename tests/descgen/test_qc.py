@@ -317,6 +317,37 @@ def test_new_reasons_are_recorded_in_the_summary():
         ("on a tree--lined street", BG, qc.NOT_PHRASE),
         ("on a tree-lined street", BG, None),
         ("out-of-focus", RES, None),
+        # round 3: a background's scene head must name something a photo can show behind the subject
+        ("in a story", BG, qc.NOT_SCENE),
+        ("at a game", BG, qc.NOT_SCENE),
+        ("with a hat", BG, qc.NOT_SCENE),
+        ("in a city skyline", BG, qc.NOT_SCENE),  # the head is "skyline", not "city"
+        ("surrounded by wildlife", BG, None),
+        ("with cattle around", BG, None),
+        ("at the foot of hills", BG, None),  # a part noun hands on to what it is part of
+        ("in the sea's depths", BG, None),
+        ("on a cliff face", BG, None),
+        ("in the ruins", BG, None),  # plurals match their singular
+        ("among the cities", BG, None),
+        # articles agree with the next word's sound
+        ("on a island", BG, qc.UNGRAMMATICAL),
+        ("in an forest", BG, qc.UNGRAMMATICAL),
+        ("on an island", BG, None),
+        ("at a university", BG, None),
+        ("in an hour", BG, qc.NOT_SCENE),  # "an hour" is fine English, but no scene
+        # one texture per descriptor; a modifier is not a second texture
+        ("glossy smooth", TEX, qc.TWO_ADJECTIVES),
+        ("slightly worn", TEX, None),
+        # a vocabulary stem is the noun or verb; the adjective is the descriptor
+        ("polish", TEX, qc.NOT_ADJECTIVE),
+        ("crystal", TEX, qc.NOT_ADJECTIVE),
+        ("polished", TEX, None),
+        ("coarse", TEX, None),  # a stem that is a listed adjective
+        # a summit is stood on; darkness is lighting
+        ("in a mountain", BG, qc.WRONG_PREPOSITION),
+        ("in the hills", BG, None),
+        ("in the darkened city", BG, qc.OTHER_CONCEPT),
+        ("behind the stars", BG, qc.POSITION),
     ],
 )
 def test_quality_rules(item, rules, reason):
