@@ -632,8 +632,9 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
         return OTHER_CONCEPT  # "at night" under background
     if rules.keywords and not any(_matches(w, rules.keywords) for w in content):
         return OFF_CONCEPT  # "on the beach" under weather
-    n_adjectives = len([w for w in text.split() if w not in rules.modifiers])
-    if rules.form == "prefix" and rules.max_adjectives and n_adjectives > rules.max_adjectives:
+    if rules.form == "prefix" and 0 < rules.max_adjectives < sum(
+        w not in rules.modifiers for w in text.split()
+    ):
         return TWO_ADJECTIVES  # "glossy smooth": one descriptor names one texture
     if rules.form == "prefix" and (rules.adjectives or rules.modifiers):
         *mods, head = text.split()
@@ -643,10 +644,10 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
             m not in rules.modifiers and not _adjective_shaped(m, rules) for m in mods
         ):
             return NOT_ADJECTIVE  # "silk", "glass", "overexposure"
-    if rules.form == "prefix" and rules.lexicon:
-        stems = {p[:-1] for p in rules.lexicon if p.endswith("*")}
-        if any(w in stems and w not in rules.adjectives for w in content):
-            return NOT_ADJECTIVE  # "polish" for polish*, "crystal" for crystal*: the noun or verb
+    if rules.form == "prefix" and any(
+        w in _stems(rules.lexicon) and w not in rules.adjectives for w in content
+    ):
+        return NOT_ADJECTIVE  # "polish" for polish*, "crystal" for crystal*: the noun or verb
     if rules.lexicon and not any(_matches(w, rules.lexicon) for w in content):
         return NOT_IN_LEXICON  # texture: "gleeful", "shinny", "verdant" name no surface
     if (
@@ -656,6 +657,12 @@ def _vocabulary(text: str, rules: Rules) -> str | None:
     ):
         return NOT_SCENE  # "in a story", "at a game", "with a hat"
     return None
+
+
+@functools.cache
+def _stems(lexicon: frozenset[str]) -> frozenset[str]:
+    """The stems of a vocabulary's globs ("polish" for "polish*"), computed once per vocabulary."""
+    return frozenset(p[:-1] for p in lexicon if p.endswith("*"))
 
 
 def _noun_in(word: str, patterns: Iterable[str]) -> bool:
