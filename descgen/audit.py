@@ -13,7 +13,10 @@ near-duplicates and descriptors the model cannot tell from the clean caption; wi
 teacher's entropy over descriptors given the class on them, against a random-word suffix control.
 
 Encoders are plain callables (texts -> unit vectors), so the measures are tested with tiny models;
-`load_clip` builds one from open_clip (imported only there: heavy).
+`load_clip` builds one from open_clip (imported only there: heavy). `load_text_model` builds a text-only
+one from a Hugging Face sentence encoder (e.g. all-MiniLM-L6-v2): it finds near-duplicate phrasings
+where no CLIP weights are at hand, but it is not the teacher L_Star uses, so it gets no teacher measures
+and no verdict.
 """
 
 from __future__ import annotations
@@ -54,12 +57,17 @@ TextEncoder = Callable[[list[str]], Any]  # texts -> (n, d) torch tensor of unit
 
 @dataclass
 class Clip:
-    """A loaded CLIP: text and image encoders (unit vectors), the logit scale and a name for reports."""
+    """A loaded CLIP: text and image encoders (unit vectors), the logit scale and a name for reports.
+    scale None: a text-only sentence encoder, not a teacher (duplicates and effective n only)."""
 
     name: str
     encode_text: TextEncoder
     encode_images: Callable[[list[Path]], Any] | None
-    scale: float
+    scale: float | None
+
+    @property
+    def teacher(self) -> bool:
+        return self.scale is not None
 
 
 @dataclass
@@ -68,8 +76,8 @@ class ConceptAudit:
     n: int
     style: str
     effective_n: float
-    text_share: float  # teacher entropy share on caption stand-ins, this bank
-    text_share_random: float  # the same with random-word suffixes
+    text_share: float | None  # teacher entropy share on caption stand-ins, this bank (None: no teacher)
+    text_share_random: float | None  # the same with random-word suffixes
     other_style: str | None = None
     effective_n_other: float | None = None  # the concept's descriptors in the other caption style
     text_share_other: float | None = None
@@ -153,10 +161,13 @@ def _caption_embeddings(encode: TextEncoder, templates: Sequence[str], caption: 
     return emb.view(len(classes), len(templates), -1) if len(texts) else torch.zeros(0)
 
 
-def _text_measures(emb, scale: float) -> tuple[float, float]:
-    """(effective number, teacher entropy share with the captions as stand-in images), mean over classes."""
+def _text_measures(emb, scale: float | None) -> tuple[float, float | None]:
+    """(effective number, teacher entropy share with the captions as stand-in images or None without a
+    teacher), mean over classes."""
     sims = emb @ emb.transpose(1, 2)  # (K, n, n)
     eff = sum(effective_number(s) for s in sims) / len(sims)
+    if scale is None:
+        return eff, None
     share = sum(entropy_share(scale * s) for s in sims) / len(sims)
     return eff, share
 
@@ -230,9 +241,11 @@ def audit_concept(
     templates = [d.template for d in descs]
     emb = _caption_embeddings(clip.encode_text, templates, caption, classes, style)
     eff, share = _text_measures(emb, clip.scale)
-    rand_templates = random_suffixes(len(descs), seed)
-    rand = _caption_embeddings(clip.encode_text, rand_templates, caption, classes, "reference")
-    _, share_rand = _text_measures(rand, clip.scale)
+    share_rand = rand = None
+    if clip.teacher:
+        rand_templates = random_suffixes(len(descs), seed)
+        rand = _caption_embeddings(clip.encode_text, rand_templates, caption, classes, "reference")
+        _, share_rand = _text_measures(rand, clip.scale)
     clean = clip.encode_text([fill(caption, k) for k in classes]).float()  # (K, d)
     res = ConceptAudit(concept.name, len(descs), style, eff, share, share_rand)
     if any(d.form == "prefix" for d in descs):  # the style changes these captions: compare both
@@ -247,6 +260,14 @@ def audit_concept(
     res.clusters.sort(key=len, reverse=True)
     to_clean = (emb * clean[:, None, :]).sum(-1).mean(0)  # (n,)
     res.clean_like = [d.id for d, c in zip(descs, to_clean.tolist()) if c >= clean_threshold]
+    if not clip.teacher:
+        if images is not None:
+            raise AuditError(f"{clip.name}: a text-only encoder cannot read images; pass --clip")
+        res.verdict = (
+            f"no verdict: {clip.name} is a sentence encoder, not the CLIP teacher L_Star uses "
+            "(its duplicate clusters and effective n are a reviewer's aid; pass --clip for the verdict)"
+        )
+        return res
     if images is not None:
         res.image_share, res.image_kl_clean = image_measures(images, emb, clean, clip.scale, labels)
         res.image_share_random, _ = image_measures(images, rand, clean, clip.scale, labels)
@@ -458,3 +479,73 @@ def load_clip(
 
     label = clip + (f" ({Path(weights).name if weights_file else weights})" if weights else "")
     return Clip(label, encode_text, encode_images, scale)
+
+
+def _pooling(folder: Path) -> str:
+    """'mean' or 'cls': how a sentence-transformers folder pools token states (mean when it does not say)."""
+    pool_dir = folder / "1_Pooling"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            mods = json.loads(modules.read_text(encoding="utf-8"))
+            pool_dir = next(
+                (folder / m.get("path", "") for m in mods if str(m.get("type", "")).endswith("Pooling")),
+                pool_dir,
+            )
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+            raise AuditError(f"{modules}: cannot read the module list") from None
+    cfg_file = pool_dir / "config.json"
+    if not cfg_file.is_file():
+        return "mean"
+    cfg = _read_json(cfg_file)
+    if cfg.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+    raise AuditError(f"{cfg_file}: pooling {', '.join(modes) or 'none'} is not supported (mean or cls)")
+
+
+def load_text_model(spec: str, threads: int | None = None, device: str = "cpu") -> Clip:
+    """A text-only encoder from a Hugging Face sentence-encoder folder (or hub id, with a network):
+    transformers' AutoModel from safetensors weights, no remote code, pooled as the folder says (mean by
+    default), unit vectors. Its `scale` is None: it is not a CLIP teacher."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(spec)
+    if ("/" in spec or spec.startswith((".", "~"))) and not path.exists():
+        raise AuditError(f"{spec}: no such text-model folder")
+    if path.exists() and not path.is_dir():
+        raise AuditError(f"{spec}: --text-model takes a folder (config.json, tokenizer, model.safetensors)")
+    pooling = _pooling(path) if path.is_dir() else "mean"
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModel.from_pretrained(spec, use_safetensors=True).to(device).eval()
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a bad folder
+        first = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
+        raise AuditError(f"cannot load text model {spec!r}: {first}") from None
+    max_len = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+
+    @torch.no_grad()
+    def encode_text(texts: list[str]):
+        out = []
+        for i in range(0, len(texts), 256):
+            batch = tokenizer(
+                texts[i : i + 256], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+            ).to(device)
+            hidden = model(**batch).last_hidden_state.float()
+            if pooling == "cls":
+                vec = hidden[:, 0]
+            else:  # mean over real tokens, padding left out
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(vec, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1)
+
+    return Clip(f"{spec} (text only)", encode_text, None, None)

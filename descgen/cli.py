@@ -789,6 +789,14 @@ def audit(
     pretrained: Annotated[
         str | None, typer.Option("--pretrained", help="open_clip pretrained tag, or a local .safetensors/.pt")
     ] = None,
+    text_model: Annotated[
+        str,
+        typer.Option(
+            "--text-model",
+            help="instead of --clip: a Hugging Face sentence-encoder folder (e.g. all-MiniLM-L6-v2) for "
+            "duplicate clusters and effective n only, no verdict (try --dup-threshold 0.9)",
+        ),
+    ] = "",
     images: Annotated[
         Path | None, typer.Option("--images", help="folder of images, or CSV with path[,label] columns")
     ] = None,
@@ -817,10 +825,21 @@ def audit(
     """Will this bank do anything for this CLIP model? Per concept: distinct descriptors, duplicates, verdict."""
     import json as _json
 
-    from descgen.audit import AuditError, audit_concept, duplicate_rejections, load_clip, read_images
+    from descgen.audit import (
+        AuditError,
+        audit_concept,
+        duplicate_rejections,
+        load_clip,
+        load_text_model,
+        read_images,
+    )
 
-    if not clip:
-        raise typer.BadParameter("pass --clip MODEL (open_clip name, model-config JSON or folder)")
+    if bool(clip) == bool(text_model):
+        raise typer.BadParameter(
+            "pass --clip MODEL (open_clip name, model-config JSON or folder) or --text-model FOLDER, not both"
+        )
+    if text_model and (images is not None or pretrained):
+        raise typer.BadParameter("--images and --pretrained need --clip: a text model reads no images")
     doc = _base(file, banks_dir)
     b = doc.bank
     try:
@@ -833,7 +852,7 @@ def audit(
     classes = class_ or ["dog"]
     if reject_duplicates:
         _check_dest(banks_dir, out_path)
-    model = load_clip(clip, pretrained, threads)
+    model = load_clip(clip, pretrained, threads) if clip else load_text_model(text_model, threads)
     img, labels = None, None
     if images is not None:
         paths, labels = read_images(images, classes, max_images)
@@ -880,13 +899,18 @@ def audit(
 
 
 def _audit_table(path, model, res, with_images):
-    cols = ["concept", "n", "eff. n", "text H (random)"]
+    cols = ["concept", "n", "eff. n"]
+    if model.teacher:
+        cols += ["text H (random)"]
     if with_images:
         cols += ["image H (random)", "KL vs clean"]
     cols += ["dup. clusters", "like clean"]
-    t = Table(*cols, title=f"{path}: {model.name}, scale {model.scale:.0f}")
+    scale = f"scale {model.scale:.0f}" if model.teacher else "no teacher measures"
+    t = Table(*cols, title=f"{path}: {model.name}, {scale}")
     for r in res:
-        row = [r.concept, str(r.n), f"{r.effective_n:.1f}", f"{r.text_share:.3f} ({r.text_share_random:.3f})"]
+        row = [r.concept, str(r.n), f"{r.effective_n:.1f}"]
+        if model.teacher:
+            row += [f"{r.text_share:.3f} ({r.text_share_random:.3f})"]
         if with_images:
             row += [f"{r.image_share:.3f} ({r.image_share_random:.3f})", f"{r.image_kl_clean:.3f}"]
         row += [f"{len(r.clusters)} ({sum(len(g) for g in r.clusters)} ids)", str(len(r.clean_like))]

@@ -236,3 +236,139 @@ def test_load_clip_weights_that_do_not_fit(models, tmp_path):
 
     with pytest.raises(AuditError, match="does not fit"):
         load_clip(str(models["blind"] / "model.json"), str(models["reads"] / "model.safetensors"))
+
+
+# --- a text-only sentence encoder (--text-model) ---------------------------------------------------
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "dog",
+    "cat",
+    "in",
+    "the",
+    "snow",
+    "on",
+    "beach",
+    "forest",
+    "desert",
+    "under",
+    "water",
+    ".",
+]
+
+
+def _tiny_text_model(folder, pooling=None):
+    """A random-init BERT with a word-level vocabulary, saved as a sentence-encoder folder. Words not in
+    WORDS become [UNK], so "in the qwzx" and "in the vbnm" are the same tokens: duplicates to any encoder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizerFast(vocab=vocab).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        initializer_range=1.0,  # words far apart (at the default 0.02 every caption embeds alike)
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    if pooling:
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{pooling}": True}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    return _tiny_text_model(tmp_path_factory.mktemp("st") / "mean")
+
+
+def test_text_model_pools_only_real_tokens(text_model, tmp_path):
+    from descgen.audit import load_text_model
+
+    enc = load_text_model(str(text_model)).encode_text
+    alone = enc(["a dog"])
+    padded = enc(["a dog", "a photo of a dog in the snow on the beach"])  # "a dog" is padded here
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert torch.allclose(padded.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(padded[0], padded[1], atol=1e-3)
+
+    cls = load_text_model(str(_tiny_text_model(tmp_path / "cls", "cls_token"))).encode_text
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(text_model), AutoModel.from_pretrained(text_model)
+    with torch.no_grad():
+        first = model(**tok(["a dog"], return_tensors="pt")).last_hidden_state[:, 0]
+    assert torch.allclose(cls(["a dog"]), torch.nn.functional.normalize(first, dim=-1), atol=1e-5)
+    assert not torch.allclose(cls(["a dog"]), alone, atol=1e-3)
+
+
+def test_text_model_finds_duplicates_and_gives_no_verdict(text_model, tmp_path):
+    from descgen.bank import BankDoc
+
+    path = write_bank(
+        tmp_path / "banks", {"background": ["in the snow", "on the beach", "in the qwzx", "in the vbnm"]}
+    )
+    doc = BankDoc.load(path).derive()
+    for iid, _ in list(doc.items()):
+        if "." in iid:
+            doc.set_status(iid, "approved")
+    bank = doc.save(tmp_path / "banks")
+    r = run("audit", bank, "--text-model", text_model, "--dup-threshold", "0.9999", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    res = rep["concepts"][0]
+    assert rep["scale"] is None and res["text_share"] is None and res["text_share_random"] is None
+    assert res["clusters"] == [["background.in-the-qwzx", "background.in-the-vbnm"]]
+    assert res["verdict"].startswith("no verdict") and 1.0 < res["effective_n"] < 4.0
+
+    r = run("audit", bank, "--text-model", text_model, "--dup-threshold", "0.9999")
+    assert r.exit_code == 0 and "no teacher measures" in r.stdout and "text H" not in r.stdout
+
+    r = run(
+        "audit",
+        bank,
+        "--text-model",
+        text_model,
+        "--dup-threshold",
+        "0.9999",
+        "--reject-duplicates",
+        "--banks-dir",
+        bank.parent,
+    )
+    assert r.exit_code == 0, r.output
+    new = load_bank(list_versions(bank.parent)[-1][1]).concept("background")
+    rejected = [d for d in new.descriptors if d.status == "rejected"]
+    assert [d.id for d in rejected] == ["background.in-the-vbnm"]
+    assert "text only" in rejected[0].note and "near-duplicate of background.in-the-qwzx" in rejected[0].note
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--text-model", "/nonexistent/st"], "no such text-model folder", 1),
+        (["--text-model", "{empty}"], "cannot load text model", 1),
+        (["--text-model", "{badpool}"], "pooling max_tokens is not supported", 1),
+        (["--text-model", "{st}", "--clip", "{st}"], "not both", 2),
+        (["--text-model", "{st}", "--images", "{st}"], "need --clip", 2),
+    ],
+)
+def test_text_model_bad_input(text_model, bank, tmp_path, args, message, code):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    badpool = _tiny_text_model(tmp_path / "badpool", "max_tokens")
+    subs = {"{st}": str(text_model), "{empty}": str(empty), "{badpool}": str(badpool)}
+    args = [subs.get(a, a) for a in args]
+    before = list_versions(bank.parent)
+    r = run("audit", bank, *args, "--reject-duplicates", "--banks-dir", bank.parent)
+    assert r.exit_code == code and "Traceback" not in r.output
+    assert message in " ".join(r.stderr.split())
+    if code == 1:
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert list_versions(bank.parent) == before
