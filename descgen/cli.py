@@ -818,6 +818,9 @@ def audit(
         bool, typer.Option("--reject-duplicates", help="write a version rejecting all but one per cluster")
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    allow_download: Annotated[
+        bool, typer.Option("--allow-download", help="fetch a --text-model hub id if it is not cached")
+    ] = False,
     threads: ThreadsOpt = None,
     banks_dir: BanksDir = Path("banks"),
     out_path: OutOpt = None,
@@ -852,7 +855,11 @@ def audit(
     classes = class_ or ["dog"]
     if reject_duplicates:
         _check_dest(banks_dir, out_path)
-    model = load_clip(clip, pretrained, threads) if clip else load_text_model(text_model, threads)
+    model = (
+        load_clip(clip, pretrained, threads)
+        if clip
+        else load_text_model(text_model, threads, allow_download=allow_download)
+    )
     img, labels = None, None
     if images is not None:
         paths, labels = read_images(images, classes, max_images)
@@ -916,8 +923,10 @@ def _audit_table(path, model, res, with_images):
         row += [f"{len(r.clusters)} ({sum(len(g) for g in r.clusters)} ids)", str(len(r.clean_like))]
         t.add_row(*row)
     out.print(t)
+    if not model.teacher:
+        out.print(res[0].verdict.replace("no verdict: ", "No verdicts: ", 1))
     for r in res:
-        out.print(f"{r.concept}: {r.verdict}")
+        out.print(f"{r.concept}: {r.verdict}" if model.teacher else f"{r.concept}:")
         for g in r.clusters[:10]:
             out.print(f"  [dim]cluster:[/dim] keep {g[0]}; duplicates {', '.join(g[1:])}")
         if len(r.clusters) > 10:

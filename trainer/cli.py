@@ -1,6 +1,6 @@
 """The `trainer` command line: thin typer commands over trainer.train, trainer.wise and trainer.ravl.
 
-trainer run --config configs/example-csv.yaml --bank banks/v47.yaml --method starft --set lr=1e-4
+trainer run --config configs/example-csv.yaml --bank banks/v49.yaml --method starft --set lr=1e-4
 accelerate launch --num_processes 8 -m trainer.cli run --config configs/imagenet-vitb16-starft.yaml
 """
 

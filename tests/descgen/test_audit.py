@@ -353,6 +353,7 @@ def test_text_model_finds_duplicates_and_gives_no_verdict(text_model, tmp_path):
     "args, message, code",
     [
         (["--text-model", "/nonexistent/st"], "no such text-model folder", 1),
+        (["--text-model", "descgen-tests/no-such-encoder"], "--allow-download fetches a hub id", 1),
         (["--text-model", "{empty}"], "cannot load text model", 1),
         (["--text-model", "{badpool}"], "pooling max_tokens is not supported", 1),
         (["--text-model", "{st}", "--clip", "{st}"], "not both", 2),
