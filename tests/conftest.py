@@ -23,6 +23,25 @@ GROUPS = ["water", "land"]
 _COLOURS = {"water": (40, 80, 200), "land": (150, 110, 50)}
 
 
+REPO_BANKS = Path(__file__).resolve().parents[1] / "banks"
+
+
+def _bank_files() -> list[tuple[str, int]]:
+    return sorted(
+        (p.relative_to(REPO_BANKS).as_posix(), p.stat().st_size) for p in REPO_BANKS.rglob("*") if p.is_file()
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_banks_untouched():
+    """descgen writes to ./banks by default: a test that forgets --banks-dir would add a version to the
+    repository's own banks/. The session then ends in an error naming the files."""
+    before = _bank_files()
+    yield
+    after = _bank_files()
+    assert after == before, f"tests changed the repository's banks/: {sorted(set(after) ^ set(before))}"
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """Path of a tiny open_clip model-config JSON (ViT, 32 px, embed 32, 1 layer each)."""
