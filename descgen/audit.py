@@ -512,7 +512,8 @@ def load_text_model(
 ) -> Clip:
     """A text-only encoder from a Hugging Face sentence-encoder folder, or a hub id (from the local cache
     unless `allow_download`): transformers' AutoModel from safetensors weights, no remote code, pooled as
-    the folder says (mean by default), unit vectors. Its `scale` is None: it is not a CLIP teacher."""
+    the folder says (mean by default; a hub id is mean-pooled), unit vectors. Its `scale` is None: it is
+    not a CLIP teacher."""
     import torch
 
     if threads:

@@ -289,6 +289,11 @@ def text_model(tmp_path_factory):
     return _tiny_text_model(tmp_path_factory.mktemp("st") / "mean")
 
 
+@pytest.fixture(scope="module")
+def bad_pooling_model(tmp_path_factory):
+    return _tiny_text_model(tmp_path_factory.mktemp("st") / "badpool", "max_tokens")
+
+
 def test_text_model_pools_only_real_tokens(text_model, tmp_path):
     from descgen.audit import load_text_model
 
@@ -360,11 +365,10 @@ def test_text_model_finds_duplicates_and_gives_no_verdict(text_model, tmp_path):
         (["--text-model", "{st}", "--images", "{st}"], "need --clip", 2),
     ],
 )
-def test_text_model_bad_input(text_model, bank, tmp_path, args, message, code):
+def test_text_model_bad_input(text_model, bad_pooling_model, bank, tmp_path, args, message, code):
     empty = tmp_path / "empty"
     empty.mkdir()
-    badpool = _tiny_text_model(tmp_path / "badpool", "max_tokens")
-    subs = {"{st}": str(text_model), "{empty}": str(empty), "{badpool}": str(badpool)}
+    subs = {"{st}": str(text_model), "{empty}": str(empty), "{badpool}": str(bad_pooling_model)}
     args = [subs.get(a, a) for a in args]
     before = list_versions(bank.parent)
     r = run("audit", bank, *args, "--reject-duplicates", "--banks-dir", bank.parent)
